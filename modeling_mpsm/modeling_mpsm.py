@@ -1,0 +1,911 @@
+"""MPSM: fine-grained matching with Multi-Perspective Similarity Modeling (Li et al., UAI 2022).
+
+The file follows the paper (§3): encoders, semantic knowledge graphs (eq 1-4), KGID (eq 5-9), global
+self-attention, text-guided region attention, distance/direction similarity representations (eq 10-15),
+SRGR (eq 16-20) and the bidirectional triplet loss (eq 21); then the dis+dir ensemble (MPSM*).
+
+Per-item work (`encode_image`, `encode_text`) is done once per image and once per caption; only the per-pair
+part (`similarity`) sees pairs, and it does so as batched tensor operations over blocks of images x captions.
+Shapes: I images, T captions, n regions, L words, d = embed_size, m = sim_dim, P = I * T pairs.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MPSMImageOutput(ModelOutput):
+    """
+    Per-image part of MPSM, computed once per image.
+
+    Args:
+        region_embeds (`torch.FloatTensor` [I, n, d]): ṽ, the L2-normalised regions after visual KGID (zeros on padding).
+        region_mask (`torch.BoolTensor` [I, n]): which regions are real.
+        image_embeds (`torch.FloatTensor` [I, d]): v̄, the global image feature.
+        region_attention (`torch.FloatTensor` [I, n]): the global self-attention weights over regions.
+    """
+
+    region_embeds: torch.FloatTensor = None
+    region_mask: torch.BoolTensor = None
+    image_embeds: torch.FloatTensor = None
+    region_attention: torch.FloatTensor = None
+
+
+@dataclass
+class MPSMTextOutput(ModelOutput):
+    """
+    Per-caption part of MPSM, computed once per caption.
+
+    Args:
+        word_embeds (`torch.FloatTensor` [T, L, d]): t̃, the L2-normalised words after textual KGID (zeros on padding).
+        attention_mask (`torch.BoolTensor` [T, L]): which words are real.
+        text_embeds (`torch.FloatTensor` [T, d]): t̄, the global caption feature.
+        word_weights (`torch.FloatTensor` [T, L]): importance of each word (seed 002's word self-attention), or
+            ones when that option is off.
+        guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (seed 002), or
+            None when that option is off.
+    """
+
+    word_embeds: torch.FloatTensor = None
+    attention_mask: torch.BoolTensor = None
+    text_embeds: torch.FloatTensor = None
+    word_weights: torch.FloatTensor = None
+    guidance: torch.FloatTensor = None
+
+
+@dataclass
+class MPSMOutput(ModelOutput):
+    """
+    Output of [`MPSMModel`] and [`MPSMEnsembleModel`], in the CLIP convention.
+
+    Args:
+        loss (`torch.FloatTensor` [], *optional*): the training loss (eq 21, plus enabled auxiliary losses).
+        logits_per_image (`torch.FloatTensor` [I, T]): matching scores in (0, 1), image i against caption j.
+        logits_per_text (`torch.FloatTensor` [T, I]): the transpose.
+        image_embeds (`torch.FloatTensor` [I, d]): v̄.
+        text_embeds (`torch.FloatTensor` [T, d]): t̄.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor = None
+    logits_per_text: torch.FloatTensor = None
+    image_embeds: torch.FloatTensor = None
+    text_embeds: torch.FloatTensor = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def l2norm(x, dim=-1, eps=1e-8):
+    """Divides `x` by its L2 norm along `dim`; zero vectors stay zero."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def masked_softmax(scores, mask, dim=-1):
+    """Softmax of `scores` along `dim` over the entries where `mask` (broadcastable) is True; masked entries get 0."""
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim) * mask
+
+
+def masked_mean(x, mask):
+    """Mean of `x` [B, k, c] over the rows where `mask` [B, k] is True -> [B, c]."""
+    mask = mask.to(x.dtype).unsqueeze(-1)
+    return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _as_bool_mask(mask, name, shape):
+    if mask.shape != shape:
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim):
+    """Validates the image inputs of MPSM and returns (boxes in [0, 1] or None, region_mask as bool)."""
+    if not isinstance(region_features, torch.Tensor) or region_features.dim() != 3:
+        shape = tuple(region_features.shape) if isinstance(region_features, torch.Tensor) else type(region_features)
+        raise ValueError(f"`region_features` must be a tensor of shape [batch, regions, {img_dim}], got {shape}")
+    batch, num_regions, width = region_features.shape
+    if width != img_dim:
+        raise ValueError(f"`region_features` must have {img_dim} features per region (config.img_dim), got {width}")
+    if batch == 0 or num_regions == 0:
+        raise ValueError(f"`region_features` must hold at least one image with one region, got {tuple(region_features.shape)}")
+    if not torch.isfinite(region_features).all():
+        raise ValueError("`region_features` contains NaN or Inf values; expected finite features")
+    if region_mask is None:
+        region_mask = torch.ones(batch, num_regions, dtype=torch.bool, device=region_features.device)
+    region_mask = _as_bool_mask(region_mask, "region_mask", (batch, num_regions))
+    empty = (~region_mask.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"`region_mask` marks every region as padding for image(s) {empty.tolist()}; expected >= 1 region")
+    if boxes is None:
+        return None, region_mask
+    if boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"`boxes` must have shape [batch, regions, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    if boxes.shape[:2] != (batch, num_regions):
+        raise ValueError(
+            f"`boxes` must match `region_features` in batch and regions: expected [{batch}, {num_regions}, 4], "
+            f"got {tuple(boxes.shape)}"
+        )
+    if not torch.isfinite(boxes).all():
+        raise ValueError("`boxes` contains NaN or Inf values")
+    boxes = boxes.float()
+    if image_sizes is not None:
+        if image_sizes.shape != (batch, 2):
+            raise ValueError(f"`image_sizes` must have shape [{batch}, 2] as (width, height), got {tuple(image_sizes.shape)}")
+        if (image_sizes <= 0).any():
+            raise ValueError("`image_sizes` must be positive (width, height)")
+        boxes = boxes / image_sizes.to(boxes).repeat(1, 2).unsqueeze(1)
+    real = region_mask.unsqueeze(-1).expand_as(boxes)
+    if ((boxes < -1e-4) | (boxes > 1 + 1e-4))[real].any():
+        raise ValueError(
+            "`boxes` lie outside the image: expected coordinates in [0, 1], or in pixels within `image_sizes`"
+        )
+    if ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))[region_mask].any():
+        raise ValueError("`boxes` must satisfy x2 >= x1 and y2 >= y1")
+    return boxes.clamp(0.0, 1.0).to(region_features.dtype), region_mask
+
+
+def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_size):
+    """Validates the text inputs of MPSM and returns (attention_mask as bool, dependency_adjacency)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"`input_ids` must be a tensor of shape [batch, words], got {shape}")
+    if input_ids.dtype.is_floating_point:
+        raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"`input_ids` must hold at least one caption with one word, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = input_ids != 0
+    attention_mask = _as_bool_mask(attention_mask, "attention_mask", (batch, length))
+    empty = (~attention_mask.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"`attention_mask` marks caption(s) {empty.tolist()} as empty; expected >= 1 word each")
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(length, device=input_ids.device)
+    if (attention_mask != (positions < lengths[:, None])).any():
+        raise ValueError("`attention_mask` must be right-padded: ones for the words first, then zeros")
+    real_ids = input_ids[attention_mask]
+    if (real_ids < 0).any() or (real_ids >= vocab_size).any():
+        raise ValueError(f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size)")
+    if dependency_adjacency is None:
+        return attention_mask, None
+    if dependency_adjacency.shape != (batch, length, length):
+        raise ValueError(
+            f"`dependency_adjacency` must have shape [{batch}, {length}, {length}] to match `input_ids`, "
+            f"got {tuple(dependency_adjacency.shape)}"
+        )
+    if not torch.isfinite(dependency_adjacency).all():
+        raise ValueError("`dependency_adjacency` contains NaN or Inf values")
+    return attention_mask, dependency_adjacency
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Encoders
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMImageEncoder(nn.Module):
+    """V = l2norm(FC(region_features)): [I, n, img_dim] -> [I, n, d]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.img_dim, config.embed_size)
+
+    def forward(self, region_features, region_mask):
+        return l2norm(self.fc(region_features)) * region_mask.unsqueeze(-1)
+
+
+class MPSMTextEncoder(nn.Module):
+    """Words -> Embedding(vocab, word_dim) -> 1-layer BiGRU -> mean of both directions -> l2norm: [T, L] -> [T, L, d]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.word_dim, padding_idx=0)
+        self.gru = nn.GRU(config.word_dim, config.embed_size, num_layers=1, batch_first=True, bidirectional=True)
+
+    def forward(self, input_ids, attention_mask):
+        lengths = attention_mask.sum(1)
+        packed = pack_padded_sequence(self.embed(input_ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=input_ids.shape[1])
+        forward_states, backward_states = hidden.chunk(2, dim=-1)
+        return l2norm((forward_states + backward_states) / 2) * attention_mask.unsqueeze(-1)
+
+
+class MPSMWordSelfAttention(nn.Module):
+    """
+    Seed 002 (hierarchical correspondences): self-attention over the word embeddings, and a per-word importance in
+    (0, 1) that down-weights uninformative words' similarity nodes before matching. [T, L, d] -> ([T, L, d], [T, L]).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.query = nn.Linear(config.embed_size, config.embed_size)
+        self.key = nn.Linear(config.embed_size, config.embed_size)
+        self.value = nn.Linear(config.embed_size, config.embed_size)
+        self.importance = nn.Linear(config.embed_size, 1)
+
+    def forward(self, words, mask):
+        scores = self.query(words) @ self.key(words).transpose(1, 2) / math.sqrt(words.shape[-1])
+        attention = masked_softmax(scores, mask.unsqueeze(1))
+        words = l2norm(words + attention @ self.value(words)) * mask.unsqueeze(-1)
+        importance = torch.sigmoid(self.importance(words).squeeze(-1)) * mask
+        return words, importance
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Semantic knowledge graphs (eq 1-4)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMSpatialKernels(nn.Module):
+    """
+    Visual spatial prior P_v: the polar coordinates (ρ, θ) of the offset between box centres go through K learned
+    Gaussian kernels (Norcliffe-Brown et al. 2018, as in GSMN), mixed to one positive scalar per pair.
+    boxes [I, n, 4] in [0, 1] -> P_v [I, n, n].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        kernels = config.num_spatial_kernels
+        self.mean_rho = nn.Parameter(torch.empty(kernels))
+        self.mean_theta = nn.Parameter(torch.empty(kernels))
+        self.log_sigma_rho = nn.Parameter(torch.empty(kernels))
+        self.log_sigma_theta = nn.Parameter(torch.empty(kernels))
+        self.mixture_logits = nn.Parameter(torch.empty(kernels))
+
+    def forward(self, boxes):
+        centres = (boxes[..., :2] + boxes[..., 2:]) / 2
+        offsets = centres.unsqueeze(1) - centres.unsqueeze(2)  # [I, n, n, 2], centre_j - centre_i
+        rho = offsets.norm(dim=-1).unsqueeze(-1)
+        theta = torch.atan2(offsets[..., 0], offsets[..., 1]).unsqueeze(-1)
+        angle = theta - self.mean_theta
+        angle = torch.atan2(torch.sin(angle), torch.cos(angle))  # wrapped to [-π, π]
+        exponent = ((rho - self.mean_rho) / self.log_sigma_rho.exp()) ** 2 + (angle / self.log_sigma_theta.exp()) ** 2
+        return (torch.exp(-0.5 * exponent) * torch.softmax(self.mixture_logits, 0)).sum(-1)
+
+
+def semantic_knowledge_graph(nodes, prior, mask, lambda_softmax):
+    """
+    Edges of a semantic knowledge graph (eq 1-4).
+
+    r_ij = softmax_j(λ x_iᵀx_j) over valid nodes (eq 1-2); E = column-L2-normalise(r ⊙ P) (eq 3-4).
+
+    Args:
+        nodes (`torch.FloatTensor` [B, k, d]): L2-normalised node features.
+        prior (`torch.FloatTensor` [B, k, k]): P_v (spatial kernels) or P_t (dependency adjacency).
+        mask (`torch.BoolTensor` [B, k]): real nodes.
+    Returns:
+        `torch.FloatTensor` [B, k, k]: E, every column of unit L2 norm over its valid rows, zero on padding.
+    """
+    pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
+    relevance = masked_softmax(lambda_softmax * nodes @ nodes.transpose(1, 2), pair_mask)
+    edges = relevance * prior * pair_mask
+    return edges / edges.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Knowledge Graph Iterative Dissemination (eq 5-9)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMKGIDLayer(nn.Module):
+    """
+    One KGID layer. Layer l > 0 first rebuilds its adjacency from its input (eq 9, with its own W_O, W_I); layer 0
+    uses the semantic knowledge graph E.
+    """
+
+    def __init__(self, config, rebuild_adjacency):
+        super().__init__()
+        size = config.embed_size
+        self.lambda_softmax = config.lambda_softmax
+        self.propagation = nn.Linear(size, size, bias=False)  # W (eq 5)
+        self.transform = nn.Linear(size, size)  # W_kg, b (eq 8)
+        self.edge_out = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_O (eq 9)
+        self.edge_in = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_I (eq 9)
+
+    def adaptive_adjacency(self, nodes, mask):
+        """Eq 9: A_ij = softmax_j(λ (W_O x_i)ᵀ(W_I x_j)) over valid j. [B, k, d] -> [B, k, k]."""
+        scores = self.lambda_softmax * self.edge_out(nodes) @ self.edge_in(nodes).transpose(1, 2)
+        return masked_softmax(scores, mask.unsqueeze(1)) * mask.unsqueeze(2)
+
+    def forward(self, nodes, adjacency, mask):
+        """nodes [B, k, d], adjacency [B, k, k] (ignored when this layer rebuilds it), mask [B, k] -> (nodes, gate)."""
+        if self.edge_out is not None:
+            adjacency = self.adaptive_adjacency(nodes, mask)
+        knowledge = torch.softmax(adjacency @ self.propagation(nodes), dim=-1) * nodes  # eq 5, ρ over features
+        gate = torch.sigmoid(knowledge * nodes + nodes)  # eq 6
+        gated = gate * knowledge + (1 - gate) * nodes  # eq 7
+        nodes = F.relu(self.transform(gated) + nodes) * mask.unsqueeze(-1)  # eq 8
+        return nodes, gate
+
+
+class MPSMKGID(nn.Module):
+    """N KGID layers over one modality: (X⁰ = V or T, A⁰ = E) -> l2norm(X^N), [B, k, d]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(MPSMKGIDLayer(config, rebuild_adjacency=i > 0) for i in range(config.kgid_layers))
+
+    def forward(self, nodes, adjacency, mask):
+        for layer in self.layers:
+            nodes, _ = layer(nodes, adjacency, mask)
+        return l2norm(nodes) * mask.unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Global features (self-attention pooling, as SGRAF's VisualSA/TextSA)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMGlobalAttention(nn.Module):
+    """
+    a = softmax_i(W₁(tanh(W₂ x_i) ⊙ tanh(W₃ x_mean))), global = l2norm(Σ_i a_i x_i). [B, k, d] -> ([B, d], [B, k]).
+    The tanh follows SGRAF's VisualSA/TextSA, which DESIGN.md names as the model for this step.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.local_proj = nn.Linear(config.embed_size, config.embed_size)  # W₂
+        self.global_proj = nn.Linear(config.embed_size, config.embed_size)  # W₃
+        self.score = nn.Linear(config.embed_size, 1)  # W₁
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, nodes, mask):
+        mean = masked_mean(nodes, mask)
+        common = torch.tanh(self.local_proj(nodes)) * torch.tanh(self.global_proj(mean)).unsqueeze(1)
+        weights = masked_softmax(self.score(self.dropout(common)).squeeze(-1), mask)
+        return l2norm((weights.unsqueeze(-1) * nodes).sum(1)), weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Cross attention (per pair)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries_first):
+    """
+    SCAN attention of queries over keys for every image-caption pair of a block.
+
+    a_qk = softmax_k(λ · norm_q(LeakyReLU(cos(q, k)))), attended_q = l2norm(Σ_k a_qk k). For the paper's text-to-image
+    stream the queries are words and the keys regions; for the image-to-text stream (seed 004) the reverse.
+
+    Args:
+        queries: [Q, a, d] per item, or [I, T, a, d] per pair.
+        keys: [K, b, d] per item, or [I, T, b, d] per pair.
+        query_mask, key_mask: real entries of the queries and keys, per item.
+        queries_first: the pair axes are always (I images, T captions); True when the queries are the images
+            (image-to-text stream), False when they are the captions (text-to-image stream).
+    Returns:
+        attended [I, T, a, d], attention [I, T, a, b].
+    """
+    q_pair = "itad" if queries.dim() == 4 else ("iad" if queries_first else "tad")
+    k_pair = "itbd" if keys.dim() == 4 else ("tbd" if queries_first else "ibd")
+    cosine = torch.einsum(f"{q_pair},{k_pair}->itab", queries, keys)
+    q_mask = query_mask[:, None, :, None] if queries_first else query_mask[None, :, :, None]
+    k_mask = key_mask[None, :, None, :] if queries_first else key_mask[:, None, None, :]
+    cosine = F.leaky_relu(cosine, 0.1) * q_mask
+    cosine = l2norm(cosine, dim=2)  # norm over the queries (SCAN's clipped_l2norm)
+    attention = masked_softmax(lambda_softmax * cosine, k_mask)
+    attended = torch.einsum(f"itab,{k_pair}->itad", attention, keys)
+    return l2norm(attended), attention
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Multi-perspective similarity representations (eq 10-15)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMSimilarityRepresentation(nn.Module):
+    """
+    distance (eq 10-12): l2norm(W_d (x - y)²); direction (eq 13-15): l2norm(W_c (x/‖x‖ ⊙ y/‖y‖)).
+    The direction reading keeps the element-wise terms of the cosine (they sum to it): the paper's scalar cosine
+    would make W_c·cos rank one and its L2 norm the constant ±w/‖w‖. [..., d] x [..., d] -> [..., m].
+    """
+
+    def __init__(self, config, perspective):
+        super().__init__()
+        self.perspective = perspective
+        self.proj = nn.Linear(config.embed_size, config.sim_dim)
+
+    def forward(self, x, y):
+        if self.perspective == "distance":
+            features = (x - y) ** 2
+        else:
+            features = l2norm(x) * l2norm(y)
+        return l2norm(self.proj(features))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Similarity-Relation Graph Reconstruction (eq 16-20)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MaskedBatchNorm(nn.BatchNorm1d):
+    """BatchNorm of one scalar per node whose batch statistics cover real nodes only. [P, K] -> [P, K]."""
+
+    def __init__(self):
+        super().__init__(1)
+
+    def forward(self, values, mask):
+        normalised = super().forward(values[mask].unsqueeze(1)).squeeze(1)
+        return values.new_zeros(values.shape).masked_scatter(mask, normalised.to(values.dtype))
+
+
+class MPSMSRGRStep(nn.Module):
+    """
+    One reconstruction round over the similarity nodes of each pair (eq 16-20).
+
+    Eq 16's "W_out ∈ R^{m×1} … ⊕" is read as GAT-style additive attention: o_a = BN(w_outᵀ s_a), i_b = BN(w_inᵀ s_b),
+    E→_ab = σ(o_a + i_b) / Σ_b' σ(o_a + i_b'), E←_ab = σ(i_a + o_b) / Σ_b' σ(i_a + o_b').
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        m = config.sim_dim
+        self.out_score = nn.Linear(m, 1, bias=False)  # w_out
+        self.in_score = nn.Linear(m, 1, bias=False)  # w_in
+        self.out_norm = MaskedBatchNorm()
+        self.in_norm = MaskedBatchNorm()
+        self.out_message = nn.Linear(m, m, bias=False)  # U_out
+        self.in_message = nn.Linear(m, m, bias=False)  # U_in
+        self.gate = nn.Linear(2 * m, m)  # W̃, b̃ (eq 18)
+        self.out_refine = nn.Linear(m, m, bias=False)  # W₁* (eq 19)
+        self.in_refine = nn.Linear(m, m, bias=False)  # W₂* (eq 19)
+        self.merge = nn.Linear(m, m)  # W*, b* (eq 20)
+
+    def edges(self, nodes, mask):
+        """Eq 16: row-normalised (E→, E←), each [P, K, K], rows over valid nodes summing to 1."""
+        out_scores = self.out_norm(self.out_score(nodes).squeeze(-1), mask)
+        in_scores = self.in_norm(self.in_score(nodes).squeeze(-1), mask)
+        valid = mask.unsqueeze(1).to(nodes.dtype)
+        forward_edges = torch.sigmoid(out_scores.unsqueeze(2) + in_scores.unsqueeze(1)) * valid
+        backward_edges = torch.sigmoid(in_scores.unsqueeze(2) + out_scores.unsqueeze(1)) * valid
+        return forward_edges / forward_edges.sum(-1, keepdim=True), backward_edges / backward_edges.sum(-1, keepdim=True)
+
+    def forward(self, nodes, mask):
+        """nodes [P, K, m], mask [P, K] -> [P, K, m]."""
+        forward_edges, backward_edges = self.edges(nodes, mask)
+        forward_nodes = forward_edges @ self.out_message(nodes)  # eq 17
+        backward_nodes = backward_edges @ self.in_message(nodes)
+        gate = torch.sigmoid(self.gate(torch.cat([forward_nodes, backward_nodes], dim=-1)))  # eq 18
+        forward_nodes = self.out_refine(gate * forward_nodes) + forward_nodes  # eq 19
+        backward_nodes = self.in_refine(gate * backward_nodes) + backward_nodes
+        return self.merge(forward_nodes + backward_nodes)  # eq 20
+
+
+class MPSMSimilarityHead(nn.Module):
+    """
+    One perspective (distance or direction) of one stream: similarity nodes -> SRGR -> score in (0, 1).
+
+    Nodes are [s_g, s_1 … s_k] for `alignment="multi"`, [s_g] for "global" and [s_1 … s_k] for "local". The score reads
+    the reasoned global node (σ(w_evalᵀ s*_g + b)), or the mean of the reasoned local nodes when there is no global
+    node. Without SRGR (ablation) the score reads the mean of all nodes, so that local nodes still count.
+    """
+
+    def __init__(self, config, perspective):
+        super().__init__()
+        self.alignment = config.alignment
+        self.use_srgr = config.use_srgr
+        self.local_similarity = (
+            MPSMSimilarityRepresentation(config, perspective) if config.alignment != "global" else None
+        )
+        self.global_similarity = (
+            MPSMSimilarityRepresentation(config, perspective) if config.alignment != "local" else None
+        )
+        self.srgr = nn.ModuleList(MPSMSRGRStep(config) for _ in range(config.srgr_steps if config.use_srgr else 0))
+        self.evaluate = nn.Linear(config.sim_dim, 1)  # w_eval, b
+
+    def forward(self, local_pairs, local_mask, local_weights, global_pair):
+        """
+        Args:
+            local_pairs: (attended [P, k, d], target [P, k, d]) local node inputs, or None for "global" alignment.
+            local_mask [P, k]: real local nodes. local_weights [P, k]: node weights (ones unless seed 002).
+            global_pair: (v̄ [P, d], t̄ [P, d]).
+        Returns:
+            `torch.FloatTensor` [P]: scores in (0, 1).
+        """
+        nodes, masks = [], []
+        if self.global_similarity is not None:
+            nodes.append(self.global_similarity(*global_pair).unsqueeze(1))
+            masks.append(torch.ones_like(global_pair[0][:, :1], dtype=torch.bool))
+        if self.local_similarity is not None:
+            nodes.append(self.local_similarity(*local_pairs) * local_weights.unsqueeze(-1))
+            masks.append(local_mask)
+        nodes, mask = torch.cat(nodes, 1), torch.cat(masks, 1)
+        for step in self.srgr:
+            nodes = step(nodes, mask)
+        if self.use_srgr and self.global_similarity is not None:
+            readout = nodes[:, 0]
+        else:
+            readout = masked_mean(nodes, mask)
+        return torch.sigmoid(self.evaluate(readout).squeeze(-1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Losses (eq 21 and the options)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def triplet_loss(scores, margin, max_violation=True, positive_mask=None):
+    """
+    Bidirectional triplet hinge loss (eq 21), summed over the batch.
+
+    Args:
+        scores (`torch.FloatTensor` [B, B]): image i (rows) against caption j (columns); positives on the diagonal.
+        margin: γ.
+        max_violation: hardest negative per query (VSE++) if True, else the sum over all negatives.
+        positive_mask (`torch.BoolTensor` [B, B], *optional*): pairs that are not negatives (e.g. two captions of the
+            same image in one batch); defaults to the diagonal.
+    """
+    if positive_mask is None:
+        positive_mask = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    positives = scores.diagonal()
+    cost_caption = (margin + scores - positives.unsqueeze(1)).clamp(min=0).masked_fill(positive_mask, 0)
+    cost_image = (margin + scores - positives.unsqueeze(0)).clamp(min=0).masked_fill(positive_mask, 0)
+    if max_violation:
+        return cost_caption.max(1)[0].sum() + cost_image.max(0)[0].sum()
+    return cost_caption.sum() + cost_image.sum()
+
+
+def fine_grained_label_loss(scores, text_embeds, positive_mask):
+    """
+    Seed 003: pairwise loss with soft labels from a siamese text network. The label of (image i, caption j) is the
+    similarity of caption j to image i's own caption (t̄_i · t̄_j from the shared text encoder, clipped to [0, 1],
+    detached; 1 for positives); hard pairs, far from their label, weigh more (focal weight |s - y|²).
+    scores [B, B], text_embeds [B, d] -> [].
+    """
+    labels = (text_embeds @ text_embeds.T).clamp(0, 1).detach().masked_fill(positive_mask, 1.0)
+    scores = scores.float().clamp(1e-6, 1 - 1e-6)
+    weights = (scores - labels).abs().detach() ** 2
+    return (weights * F.binary_cross_entropy(scores, labels, reduction="none")).sum() / scores.shape[0]
+
+
+def global_contrastive_loss(image_embeds, text_embeds, temperature, positive_mask):
+    """Auxiliary InfoNCE on (v̄, t̄) for the first stage of two-stage retrieval. [B, d] x [B, d] -> []."""
+    logits = image_embeds @ text_embeds.T / temperature
+    duplicates = positive_mask & ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(duplicates, torch.finfo(logits.dtype).min)
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMPreTrainedModel(PreTrainedModel):
+    config_class = MPSMConfig
+    base_model_prefix = "mpsm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Xavier-uniform linear layers (as SCAN/SGRAF), uniform(-0.1, 0.1) word embeddings, GRU Xavier weights."""
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.uniform_(module.weight, -self.config.initializer_range, self.config.initializer_range)
+        elif isinstance(module, nn.GRU):
+            for name, parameter in module.named_parameters():
+                if "weight" in name:
+                    init.xavier_uniform_(parameter)
+                else:
+                    init.zeros_(parameter)
+        elif isinstance(module, MPSMSpatialKernels):
+            kernels = module.mean_rho.shape[0]
+            init.copy_(module.mean_rho, torch.linspace(0.0, 1.0, kernels))
+            init.copy_(module.mean_theta, torch.linspace(-math.pi, math.pi, kernels + 1)[:-1])
+            init.constant_(module.log_sigma_rho, math.log(0.25))
+            init.constant_(module.log_sigma_theta, math.log(math.pi / 4))
+            init.zeros_(module.mixture_logits)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+
+class MPSMModel(MPSMPreTrainedModel):
+    """
+    MPSM over precomputed region features and word-level captions.
+
+    `encode_image` / `encode_text` do the per-item work (encoders, knowledge graphs, KGID, global features) once per
+    item; `similarity` scores every image against every caption with batched per-pair operations.
+    """
+
+    def __init__(self, config: MPSMConfig):
+        super().__init__(config)
+        self.image_encoder = MPSMImageEncoder(config)
+        self.text_encoder = MPSMTextEncoder(config)
+        self.word_self_attention = MPSMWordSelfAttention(config) if config.word_self_attention else None
+        self.spatial_kernels = MPSMSpatialKernels(config) if config.visual_kgid and config.kgid_layers else None
+        self.visual_kgid = MPSMKGID(config) if config.visual_kgid and config.kgid_layers else None
+        self.textual_kgid = MPSMKGID(config) if config.textual_kgid and config.kgid_layers else None
+        self.image_attention = MPSMGlobalAttention(config)
+        self.text_attention = MPSMGlobalAttention(config)
+        self.text_guidance = (
+            nn.Linear(config.embed_size, config.embed_size) if config.text_guided_image_features else None
+        )
+        self.heads = nn.ModuleDict(
+            {
+                f"{stream}_{perspective}": MPSMSimilarityHead(config, perspective)
+                for stream in config.stream_names
+                for perspective in config.perspectives
+            }
+        )
+        self._warned_no_boxes = False
+        self.post_init()
+
+    # ---------------------------------------------------------------- per item: images
+    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, **kwargs):
+        """
+        Encoder, visual knowledge graph, visual KGID and global feature of each image (computed once per image).
+
+        Args:
+            region_features (`torch.FloatTensor` [I, n, img_dim]): BUTD region features.
+            boxes (`torch.FloatTensor` [I, n, 4], *optional*): (x1, y1, x2, y2) in [0, 1], or pixels with `image_sizes`.
+                Without boxes the spatial prior is all ones (with a warning).
+            region_mask (`torch.LongTensor` [I, n], *optional*): 1 for real regions, 0 for padding.
+            image_sizes (`torch.LongTensor` [I, 2], *optional*): (width, height) in pixels.
+        Returns:
+            [`MPSMImageOutput`].
+        """
+        boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
+        regions = self.image_encoder(region_features, region_mask)
+        if self.visual_kgid is not None:
+            if boxes is None:
+                if not self._warned_no_boxes:
+                    warnings.warn("MPSM got no `boxes`: the visual spatial prior P_v falls back to all ones.")
+                    self._warned_no_boxes = True
+                prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
+            else:
+                prior = self.spatial_kernels(boxes)
+            graph = semantic_knowledge_graph(regions, prior, region_mask, self.config.lambda_softmax)
+            regions = self.visual_kgid(regions, graph, region_mask)
+        image_embeds, attention = self.image_attention(regions, region_mask)
+        return MPSMImageOutput(
+            region_embeds=regions, region_mask=region_mask, image_embeds=image_embeds, region_attention=attention
+        )
+
+    # ---------------------------------------------------------------- per item: captions
+    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None, **kwargs):
+        """
+        Encoder, textual knowledge graph, textual KGID and global feature of each caption (computed once per caption).
+
+        Args:
+            input_ids (`torch.LongTensor` [T, L]): word ids, right-padded with 0.
+            attention_mask (`torch.LongTensor` [T, L], *optional*): 1 for words, 0 for padding.
+            dependency_adjacency (`torch.FloatTensor` [T, L, L], *optional*): P_t; identity + neighbours if missing.
+        Returns:
+            [`MPSMTextOutput`].
+        """
+        attention_mask, adjacency = check_text_inputs(
+            input_ids, attention_mask, dependency_adjacency, self.config.vocab_size
+        )
+        words = self.text_encoder(input_ids, attention_mask)
+        word_weights = attention_mask.to(words.dtype)
+        if self.word_self_attention is not None:
+            words, word_weights = self.word_self_attention(words, attention_mask)
+        if self.textual_kgid is not None:
+            if adjacency is None:
+                adjacency = chain_adjacency(attention_mask).to(words.dtype)
+            graph = semantic_knowledge_graph(words, adjacency.to(words.dtype), attention_mask, self.config.lambda_softmax)
+            words = self.textual_kgid(words, graph, attention_mask)
+        text_embeds, _ = self.text_attention(words, attention_mask)
+        guidance = torch.sigmoid(self.text_guidance(text_embeds)) if self.text_guidance is not None else None
+        return MPSMTextOutput(
+            word_embeds=words,
+            attention_mask=attention_mask,
+            text_embeds=text_embeds,
+            word_weights=word_weights,
+            guidance=guidance,
+        )
+
+    # ---------------------------------------------------------------- per pair
+    def pair_scores(self, image: MPSMImageOutput, text: MPSMTextOutput):
+        """
+        Scores of every image against every caption, per perspective (the per-pair part: steps 5-7).
+
+        Padding beyond the longest caption / largest region count of the block is dropped first.
+        Returns:
+            `dict[str, torch.FloatTensor]`: perspective -> [I, T] scores in (0, 1) (mean over streams).
+        """
+        num_regions = int(image.region_mask.sum(1).max())
+        num_words = int(text.attention_mask.sum(1).max())
+        regions, region_mask = image.region_embeds[:, :num_regions], image.region_mask[:, :num_regions]
+        words, word_mask = text.word_embeds[:, :num_words], text.attention_mask[:, :num_words]
+        word_weights = text.word_weights[:, :num_words]
+        num_images, num_texts = len(regions), len(words)
+        pairs = num_images * num_texts
+        if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T, n, d]
+            regions = l2norm(regions.unsqueeze(1) * text.guidance[None, :, None, :]) * region_mask[:, None, :, None]
+        global_pair = (
+            image.image_embeds.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, -1),
+            text.text_embeds.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, -1),
+        )
+        scores = {}
+        for stream in self.config.stream_names:
+            if self.config.alignment == "global":
+                local_pairs = local_mask = local_weights = None
+            elif stream == "t2i":  # words attend to regions (the paper)
+                attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
+                target = words.unsqueeze(0).expand(num_images, -1, -1, -1)
+                local_pairs = (attended.reshape(pairs, num_words, -1), target.reshape(pairs, num_words, -1))
+                local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+                local_weights = word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+            else:  # seed 004: regions attend to words
+                attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
+                target = regions if regions.dim() == 4 else regions.unsqueeze(1).expand(-1, num_texts, -1, -1)
+                local_pairs = (attended.reshape(pairs, num_regions, -1), target.reshape(pairs, num_regions, -1))
+                local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
+                local_weights = local_mask.to(attended.dtype)
+            for perspective in self.config.perspectives:
+                head = self.heads[f"{stream}_{perspective}"]
+                head_scores = head(local_pairs, local_mask, local_weights, global_pair).view(num_images, num_texts)
+                scores[perspective] = scores.get(perspective, 0) + head_scores / len(self.config.stream_names)
+        return scores
+
+    def similarity(self, image: MPSMImageOutput, text: MPSMTextOutput):
+        """Matching scores [I, T] in (0, 1): the mean over perspectives of `pair_scores`."""
+        scores = self.pair_scores(image, text)
+        return sum(scores.values()) / len(scores)
+
+    def text_region_attention(self, image: MPSMImageOutput, text: MPSMTextOutput):
+        """Text-guided attention of each word over the regions (step 5), [I, T, L, n], for visual explanations."""
+        _, attention = cross_attention(
+            text.word_embeds, text.attention_mask, image.region_embeds, image.region_mask,
+            self.config.lambda_softmax, False,
+        )
+        return attention
+
+    # ---------------------------------------------------------------- training
+    def compute_loss(self, scores, image, text, image_ids=None, max_violation=None):
+        """
+        Training loss on a square batch (pair i = image i, caption i): per perspective the triplet loss (eq 21) and/or
+        the fine-grained-label loss (seed 003), summed over perspectives (L_dis + L_dir for "joint"), plus the optional
+        global contrastive loss. `image_ids` [B] marks captions of the same image, which are not negatives.
+        """
+        size = image.image_embeds.shape[0]
+        if text.text_embeds.shape[0] != size:
+            raise ValueError(f"the loss needs as many captions as images (pairs on the diagonal), got {size} images "
+                             f"and {text.text_embeds.shape[0]} captions")
+        if image_ids is None:
+            positive_mask = torch.eye(size, dtype=torch.bool, device=image.image_embeds.device)
+        else:
+            positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
+        max_violation = self.config.max_violation if max_violation is None else max_violation
+        loss = 0.0
+        for perspective_scores in scores.values():
+            if self.config.loss_type in ("triplet", "both"):
+                loss = loss + triplet_loss(perspective_scores, self.config.margin, max_violation, positive_mask)
+            if self.config.loss_type in ("fine_grained_labels", "both"):
+                loss = loss + fine_grained_label_loss(perspective_scores, text.text_embeds, positive_mask)
+        if self.config.global_loss_weight > 0:
+            loss = loss + self.config.global_loss_weight * global_contrastive_loss(
+                image.image_embeds, text.text_embeds, self.config.global_loss_temperature, positive_mask
+            )
+        return loss
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        dependency_adjacency=None,
+        region_features=None,
+        boxes=None,
+        region_mask=None,
+        image_sizes=None,
+        image_ids=None,
+        return_loss=None,
+        max_violation=None,
+        **kwargs,
+    ) -> MPSMOutput:
+        """
+        Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
+        caption i are the positive pairs). Argument shapes as in `encode_image` and `encode_text`.
+        """
+        if input_ids is None or region_features is None:
+            raise ValueError("MPSMModel.forward needs both `input_ids` and `region_features`")
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes)
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency)
+        scores = self.pair_scores(image, text)
+        logits_per_image = sum(scores.values()) / len(scores)
+        loss = self.compute_loss(scores, image, text, image_ids, max_violation) if return_loss else None
+        return MPSMOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.T,
+            image_embeds=image.image_embeds,
+            text_embeds=text.text_embeds,
+        )
+
+
+def chain_adjacency(attention_mask):
+    """Fallback P_t: each word linked to its neighbours, plus self-loops, zero on padding. [T, L] -> [T, L, L]."""
+    length = attention_mask.shape[1]
+    band = torch.ones(length, length, device=attention_mask.device).triu(-1).tril(1)
+    mask = attention_mask.float()
+    return band * mask.unsqueeze(2) * mask.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MPSM*: the dis + dir ensemble
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMEnsembleModel(PreTrainedModel):
+    """MPSM* (the paper's best): a `dis` and a `dir` MPSM whose scores are averaged. Saved as one checkpoint."""
+
+    config_class = MPSMEnsembleConfig
+    base_model_prefix = "mpsm_ensemble"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MPSMEnsembleConfig):
+        super().__init__(config)
+        self.dis = MPSMModel(config.dis_config)
+        self.dir = MPSMModel(config.dir_config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        MPSMPreTrainedModel._init_weights(self.dis, module)
+
+    @classmethod
+    def from_members(cls, dis_model: MPSMModel, dir_model: MPSMModel):
+        """Builds the ensemble from two trained models (their weights are copied)."""
+        for name, member in (("dis_model", dis_model), ("dir_model", dir_model)):
+            if not isinstance(member, MPSMModel):
+                raise ValueError(f"`{name}` must be an MPSMModel, got {type(member).__name__}")
+        config = MPSMEnsembleConfig(dis_config=dis_model.config.to_dict(), dir_config=dir_model.config.to_dict())
+        ensemble = cls(config)
+        ensemble.dis.load_state_dict(dis_model.state_dict())
+        ensemble.dir.load_state_dict(dir_model.state_dict())
+        return ensemble.to(dis_model.device)
+
+    def encode_image(self, *args, **kwargs):
+        """Per-image outputs of both members: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""
+        return {"dis": self.dis.encode_image(*args, **kwargs), "dir": self.dir.encode_image(*args, **kwargs)}
+
+    def encode_text(self, *args, **kwargs):
+        """Per-caption outputs of both members: `{"dis": MPSMTextOutput, "dir": MPSMTextOutput}`."""
+        return {"dis": self.dis.encode_text(*args, **kwargs), "dir": self.dir.encode_text(*args, **kwargs)}
+
+    def similarity(self, image, text):
+        """Mean of the members' scores, [I, T]."""
+        return (self.dis.similarity(image["dis"], text["dis"]) + self.dir.similarity(image["dir"], text["dir"])) / 2
+
+    def forward(self, return_loss=None, **inputs) -> MPSMOutput:
+        """Scores with the mean of both members; the loss (when asked) is the sum of the members' losses."""
+        dis_output = self.dis(return_loss=return_loss, **inputs)
+        dir_output = self.dir(return_loss=return_loss, **inputs)
+        logits_per_image = (dis_output.logits_per_image + dir_output.logits_per_image) / 2
+        return MPSMOutput(
+            loss=dis_output.loss + dir_output.loss if return_loss else None,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.T,
+            image_embeds=torch.cat([dis_output.image_embeds, dir_output.image_embeds], -1),
+            text_embeds=torch.cat([dis_output.text_embeds, dir_output.text_embeds], -1),
+        )
