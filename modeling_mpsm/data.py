@@ -154,14 +154,16 @@ def _features(split: ScanSplit, with_heads: bool) -> datasets.Features:
     return datasets.Features(features)
 
 
-def _rows(data_dir: str, split_name: str, parser=None, chunk_size: int = 256) -> Iterator[dict]:
-    """Rows of one split, read `chunk_size` images at a time (the generator behind `convert_to_arrow`)."""
+def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=None) -> Iterator[dict]:
+    """Rows of images `start:stop` for each `(start, stop)` of `chunks`, one chunk in memory at a time.
+
+    This is the generator behind `convert_to_arrow`; `datasets` divides `chunks` among processes when `num_proc > 1`.
+    """
     split = ScanSplit(data_dir, split_name)
     if parser is not None:
         from .processing_mpsm import tokenize_caption
-    progress = tqdm(total=len(split), desc=f"converting {split_name}", unit="image")
-    for start in range(0, len(split), chunk_size):
-        stop = min(start + chunk_size, len(split))
+    progress = tqdm(total=sum(stop - start for start, stop in chunks), desc=f"converting {split_name}", unit="image")
+    for start, stop in chunks:
         features = np.asarray(split.images[start:stop], dtype=np.float16)
         boxes = split.normalized_boxes(start, stop)
         captions = split.captions[start * CAPTIONS_PER_IMAGE : stop * CAPTIONS_PER_IMAGE]
@@ -195,6 +197,7 @@ def convert_to_arrow(
     splits: Sequence[str] = ("train", "dev", "test"),
     parser=None,
     num_proc: int = 1,
+    chunk_size: int = 256,
 ) -> datasets.DatasetDict:
     """Convert SCAN-format splits to a `datasets.DatasetDict` saved at `output_dir`, one row per image.
 
@@ -204,7 +207,8 @@ def convert_to_arrow(
     `modeling_mpsm.processing_mpsm.get_dependency_parser`), `dependency_heads`: for each caption, the head index of
     each `tokenize_caption` word.
 
-    Images are streamed in chunks, so the feature array is never loaded whole. The result is built in a temporary
+    Images are streamed `chunk_size` at a time, so the feature array is never loaded whole; `num_proc` processes
+    convert (and parse) chunks in parallel. The result is built in a temporary
     directory and renamed into place: a failure leaves nothing at `output_dir`. If `output_dir` already holds a
     finished conversion of the same inputs (file sizes and modification times, splits and parser), it is reused.
     """
@@ -229,15 +233,17 @@ def convert_to_arrow(
         dataset_dict = datasets.DatasetDict()
         for name in splits:
             split = ScanSplit(data_dir, name)
+            chunks = [(start, min(start + chunk_size, len(split))) for start in range(0, len(split), chunk_size)]
             dataset_dict[name] = datasets.Dataset.from_generator(
                 _rows,
                 features=_features(split, with_heads=parser is not None),
                 cache_dir=os.path.join(work_dir, "cache"),
-                gen_kwargs={"data_dir": data_dir, "split_name": name, "parser": parser},
+                gen_kwargs={"data_dir": data_dir, "split_name": name, "chunks": chunks, "parser": parser},
+                num_proc=min(num_proc, len(chunks)) if num_proc > 1 else None,
                 fingerprint=f"mpsm-{name}-{digest}",  # skips hashing the generator's arguments
                 split=name,
             )
-        dataset_dict.save_to_disk(result_dir, num_proc=num_proc if num_proc > 1 else None)
+        dataset_dict.save_to_disk(result_dir)
         with open(os.path.join(result_dir, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump(fingerprint, f)
         if os.path.exists(output_dir):

@@ -119,6 +119,12 @@ def test_conversion_round_trip(scan_dir, tmp_path):
     assert len(heads) == 5 and heads[0][:2] == [0, 0]
 
 
+def test_parallel_conversion_keeps_image_order(scan_dir, tmp_path):
+    train = data.convert_to_arrow(scan_dir, tmp_path / "arrow", splits=("train",), num_proc=2, chunk_size=4)["train"]
+    assert train["image_id"] == list(range(12))
+    assert [c for row in train["captions"] for c in row] == data.ScanSplit(scan_dir, "train").captions
+
+
 def test_conversion_is_idempotent_and_tracks_inputs(scan_dir, tmp_path):
     out = tmp_path / "arrow"
     data.convert_to_arrow(scan_dir, out, splits=("dev",))
