@@ -119,7 +119,7 @@ def _to_tensor(value, name: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
         items = [_to_tensor(item, name, dtype) for item in value]
         if len({item.shape for item in items}) > 1:
-            if len({item.shape[1:] for item in items}) > 1 or items[0].dim() == 0:
+            if len({item.shape[1:] for item in items}) > 1 or any(item.dim() == 0 for item in items):
                 raise ValueError(f"`{name}` items must share their trailing dimensions, got {[tuple(i.shape) for i in items]}.")
             length = max(item.shape[0] for item in items)
             items = [torch.cat([item, item.new_zeros(length - item.shape[0], *item.shape[1:])]) for item in items]
@@ -331,22 +331,21 @@ class MPSMProcessor(ProcessorMixin):
             raise ValueError(f"`region_features` must have width region_feature_dim={self.region_feature_dim}, got {width}.")
 
         def batched(value, name, dtype, item_shape):
+            """`value` as a tensor [B, *item_shape] matching `features`; string entries of `item_shape` are free."""
             tensor = _to_tensor(value, name, dtype)
             if single:
                 tensor = tensor[None]
-            expected = (batch_size, *item_shape)
-            if tensor.dim() != len(expected):
-                rank = len(expected) - single
-                raise ValueError(f"`{name}` must have rank {rank} like `region_features`, got shape {tuple(tensor.shape)}.")
+            shape = ", ".join(map(str, item_shape if single else ("batch", *item_shape)))
+            if tensor.dim() != 1 + len(item_shape):
+                raise ValueError(f"`{name}` must have shape [{shape}] like `region_features`, got {tuple(tensor.shape)[single:]}.")
             if tensor.shape[0] != batch_size:
                 raise ValueError(f"`{name}` has batch size {tensor.shape[0]}, `region_features` has {batch_size}.")
-            if any(size is not None and size != actual for size, actual in zip(expected, tensor.shape)):
-                shape = tuple("*" if size is None else size for size in expected[single:])
-                raise ValueError(f"`{name}` must have shape {shape}, got {tuple(tensor.shape)[single:]}.")
+            if any(isinstance(size, int) and size != actual for size, actual in zip(item_shape, tensor.shape[1:])):
+                raise ValueError(f"`{name}` must have shape [{shape}], got {tuple(tensor.shape)[single:]}.")
             return tensor
 
         if region_mask is not None:
-            mask = batched(region_mask, "region_mask", torch.long, (None,)).ne(0).long()
+            mask = batched(region_mask, "region_mask", torch.long, ("regions",)).ne(0).long()
             mask = mask[:, :num_input_regions]
             mask = torch.cat([mask, mask.new_zeros(batch_size, num_input_regions - mask.shape[1])], dim=1)
         else:
@@ -361,7 +360,7 @@ class MPSMProcessor(ProcessorMixin):
 
         output = {}
         if boxes is not None:
-            boxes = batched(boxes, "boxes", torch.float32, (None, 4))[:, :num_input_regions]
+            boxes = batched(boxes, "boxes", torch.float32, ("regions", 4))[:, :num_input_regions]
             if boxes.shape[1] != num_input_regions:
                 raise ValueError(f"`boxes` has {boxes.shape[1]} regions per image, `region_features` has {num_input_regions}.")
             sizes = batched(image_sizes, "image_sizes", torch.float32, (2,)) if image_sizes is not None else None
