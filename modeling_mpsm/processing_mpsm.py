@@ -120,7 +120,8 @@ def _to_tensor(value, name: str, dtype: torch.dtype) -> torch.Tensor:
         items = [_to_tensor(item, name, dtype) for item in value]
         if len({item.shape for item in items}) > 1:
             if len({item.shape[1:] for item in items}) > 1 or any(item.dim() == 0 for item in items):
-                raise ValueError(f"`{name}` items must share their trailing dimensions, got {[tuple(i.shape) for i in items]}.")
+                shapes = [tuple(item.shape) for item in items]
+                raise ValueError(f"`{name}` items must share their trailing dimensions, got {shapes}.")
             length = max(item.shape[0] for item in items)
             items = [torch.cat([item, item.new_zeros(length - item.shape[0], *item.shape[1:])]) for item in items]
         return torch.stack(items)
@@ -138,7 +139,7 @@ def _lengths(value) -> list[int] | None:
 
 
 def _normalize_boxes(boxes: torch.Tensor, sizes: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-    """Check boxes `[B, n, 4]` on the real regions `real` `[B, n]`; scale them to [0, 1] by `sizes` `[B, 2]` (w, h) if given."""
+    """Check boxes `[B, n, 4]` on the regions where `real` `[B, n]` is set; scale them by `sizes` `[B, 2]` (w, h)."""
     real_boxes = boxes[real]
     if not torch.isfinite(real_boxes).all():
         raise ValueError("`boxes` contains NaN or Inf.")
@@ -146,7 +147,7 @@ def _normalize_boxes(boxes: torch.Tensor, sizes: torch.Tensor | None, real: torc
         raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
     if sizes is None:
         if (real_boxes < 0).any() or (real_boxes > 1).any():
-            raise ValueError("`boxes` must lie in [0, 1] when no `image_sizes` are given (pass pixel boxes with sizes).")
+            raise ValueError("`boxes` must lie in [0, 1] when no `image_sizes` are given (pixel boxes need sizes).")
         return boxes.clone()
     if not torch.isfinite(sizes).all() or (sizes <= 0).any():
         raise ValueError(f"`image_sizes` must be positive (width, height) pairs, got {sizes.tolist()}.")
@@ -159,7 +160,7 @@ def _normalize_boxes(boxes: torch.Tensor, sizes: torch.Tensor | None, real: torc
 
 class MPSMProcessor(ProcessorMixin):
     r"""
-    Builds the inputs of `MPSMModel`: word ids and dependency graph of captions, padded region features, normalised boxes.
+    Builds the inputs of `MPSMModel`: word ids and dependency graphs of captions, padded regions, normalised boxes.
 
     Args:
         tokenizer (`PreTrainedTokenizerFast`):
@@ -217,7 +218,8 @@ class MPSMProcessor(ProcessorMixin):
 
     def to_dict(self) -> dict:
         # Settings only: the parser and the parse cache are runtime objects, and the tokenizer saves itself.
-        output = {name: getattr(self, name) for name in ("num_regions", "max_length", "dependency_parser", "region_feature_dim")}
+        settings = ("num_regions", "max_length", "dependency_parser", "region_feature_dim")
+        output = {name: getattr(self, name) for name in settings}
         if "auto_map" in self.__dict__:
             output["auto_map"] = self.auto_map
         output["processor_class"] = self.__class__.__name__
@@ -271,7 +273,9 @@ class MPSMProcessor(ProcessorMixin):
         """Dependency heads of each caption: given, cached, or parsed in one batch."""
         if dependency_heads is not None:
             if len(dependency_heads) != len(captions):
-                raise ValueError(f"`dependency_heads` has {len(dependency_heads)} entries for {len(captions)} captions.")
+                raise ValueError(
+                    f"`dependency_heads` has {len(dependency_heads)} entries for {len(captions)} captions."
+                )
             for index, (heads, words) in enumerate(zip(dependency_heads, captions)):
                 if len(heads) != len(words) or any(not 0 <= head < len(words) for head in heads):
                     raise ValueError(
@@ -322,13 +326,16 @@ class MPSMProcessor(ProcessorMixin):
             features = features[None]
         if features.dim() != 3:
             raise ValueError(
-                f"`region_features` must have shape [batch, regions, dim] or [regions, dim], got {tuple(features.shape)}."
+                "`region_features` must have shape [batch, regions, dim] or [regions, dim], "
+                f"got {tuple(features.shape)}."
             )
         batch_size, num_input_regions, width = features.shape
         if num_input_regions == 0:
             raise ValueError("`region_features` has zero regions per image.")
         if self.region_feature_dim is not None and width != self.region_feature_dim:
-            raise ValueError(f"`region_features` must have width region_feature_dim={self.region_feature_dim}, got {width}.")
+            raise ValueError(
+                f"`region_features` must have width region_feature_dim={self.region_feature_dim}, got {width}."
+            )
 
         def batched(value, name, dtype, item_shape):
             """`value` as a tensor [B, *item_shape] matching `features`; string entries of `item_shape` are free."""
@@ -337,7 +344,9 @@ class MPSMProcessor(ProcessorMixin):
                 tensor = tensor[None]
             shape = ", ".join(map(str, item_shape if single else ("batch", *item_shape)))
             if tensor.dim() != 1 + len(item_shape):
-                raise ValueError(f"`{name}` must have shape [{shape}] like `region_features`, got {tuple(tensor.shape)[single:]}.")
+                raise ValueError(
+                    f"`{name}` must have shape [{shape}] like `region_features`, got {tuple(tensor.shape)[single:]}."
+                )
             if tensor.shape[0] != batch_size:
                 raise ValueError(f"`{name}` has batch size {tensor.shape[0]}, `region_features` has {batch_size}.")
             if any(isinstance(size, int) and size != actual for size, actual in zip(item_shape, tensor.shape[1:])):
@@ -362,7 +371,9 @@ class MPSMProcessor(ProcessorMixin):
         if boxes is not None:
             boxes = batched(boxes, "boxes", torch.float32, ("regions", 4))[:, :num_input_regions]
             if boxes.shape[1] != num_input_regions:
-                raise ValueError(f"`boxes` has {boxes.shape[1]} regions per image, `region_features` has {num_input_regions}.")
+                raise ValueError(
+                    f"`boxes` has {boxes.shape[1]} regions per image, `region_features` has {num_input_regions}."
+                )
             sizes = batched(image_sizes, "image_sizes", torch.float32, (2,)) if image_sizes is not None else None
             output["boxes"] = _normalize_boxes(boxes, sizes, real) * mask[..., None]
         elif image_sizes is not None:

@@ -63,7 +63,9 @@ def build_tokenizer(word2idx: dict[str, int]) -> PreTrainedTokenizerFast:
         raise ValueError(f"`word2idx` lacks the special tokens {missing}.")
     backend = Tokenizer(models.WordLevel(vocab=dict(word2idx), unk_token="<unk>"))
     # Same steps as `processing_mpsm.normalize_caption` and `tokenize_caption`.
-    backend.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()]
+    )
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
     start, end = ("<start>", word2idx["<start>"]), ("<end>", word2idx["<end>"])
     backend.post_processor = processors.TemplateProcessing(

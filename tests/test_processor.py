@@ -127,7 +127,10 @@ def test_parse_cache_is_used_and_persisted(tmp_path, processor):
 
 def test_regions_hand_checked(processor):
     features = np.arange(2 * 3 * 2, dtype=np.float64).reshape(2, 3, 2) + 1
-    boxes = [[[25, 10, 50, 40], [0, 0, 100, 50], [999, 999, 0, 0]], [[0, 0, 200, 100], [50, 25, 100, 50], [0, 0, 1, 1]]]
+    boxes = [
+        [[25, 10, 50, 40], [0, 0, 100, 50], [999, 999, 0, 0]],  # the last region is padding: not checked, zeroed
+        [[0, 0, 200, 100], [50, 25, 100, 50], [0, 0, 1, 1]],
+    ]
     out = processor(
         region_features=features, boxes=boxes, image_sizes=[[100, 50], [200, 100]], region_mask=[[1, 1, 0], [1, 1, 1]]
     )
@@ -182,7 +185,7 @@ GOOD = {"region_features": np.zeros((2, 3, 4)), "boxes": np.zeros((2, 3, 4))}
         ({**GOOD, "boxes": np.tile([0.5, 0, 0.2, 1], (2, 3, 1))}, "boxes.*x2 >= x1"),
         ({**GOOD, "boxes": np.tile([0, 0.5, 1, 0.2], (2, 3, 1))}, "boxes.*y2 >= y1"),
         ({**GOOD, "boxes": np.tile([0, 0, 1.5, 1], (2, 3, 1))}, r"boxes.*\[0, 1\]"),
-        ({**GOOD, "boxes": np.tile([0, 0, 30, 10], (2, 3, 1)), "image_sizes": [[20, 20]] * 2}, "boxes.*inside the image"),
+        ({**GOOD, "boxes": np.tile([0, 0, 30, 10], (2, 3, 1)), "image_sizes": [[20, 20]] * 2}, "boxes.*inside"),
         ({**GOOD, "image_sizes": [[20, 0], [10, 10]]}, "image_sizes.*positive"),
         ({"region_features": np.zeros((2, 3, 4)), "image_sizes": [[1, 1]] * 2}, "image_sizes.*without `boxes`"),
     ],
@@ -211,9 +214,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_auto_processor_offline_in_fresh_process(tmp_path):
-    MPSMProcessor(build_tokenizer(WORD2IDX), num_regions=5, max_length=7, dependency_parser="fallback").save_pretrained(
-        tmp_path / "repo"
-    )
+    processor = MPSMProcessor(build_tokenizer(WORD2IDX), num_regions=5, max_length=7, dependency_parser="fallback")
+    processor.save_pretrained(tmp_path / "repo")
     script = """
 import json, sys
 from transformers import AutoProcessor

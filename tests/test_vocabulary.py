@@ -94,7 +94,7 @@ def test_built_tokenizer_save_load(tmp_path):
 # category of some recent combining marks (first at U+07FD); below U+0700 both agree on every code point.
 _pieces = st.one_of(
     st.text(st.characters(max_codepoint=0x6FF, exclude_categories=["Cs"]), max_size=6),
-    st.sampled_from(["'s", "n't", "'ll", "-", "--", " ", "white-walled", "<end>", "<unk>", "Ü", "ﬁ", "Ⅻ", "\t", "’"]),
+    st.sampled_from(["'s", "n't", "'ll", "-", "--", " ", "white-walled", "<end>", "<unk>", "Ü", "ﬁ", "Ⅻ", "’"]),
 )
 
 
