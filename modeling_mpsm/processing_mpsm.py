@@ -283,15 +283,15 @@ class MPSMProcessor(ProcessorMixin):
                         f"{words}, got {list(heads)}."
                     )
             return [list(heads) for heads in dependency_heads]
+        keys = [caption_key(words) for words in captions]
         cache = self.parse_cache if self.parse_cache is not None else {}
-        missing = list(dict.fromkeys(caption_key(words) for words in captions if caption_key(words) not in cache))
-        if missing:
+        missing = [key for key in dict.fromkeys(keys) if key not in cache]
+        parsed = {}
+        if missing:  # the parser (possibly a spaCy pipeline) is only loaded when something needs parsing
             parsed = dict(zip(missing, self.parser.parse_batch([key.split(" ") for key in missing])))
             if self.parse_cache is not None:
                 self.parse_cache.update(parsed)
-        else:
-            parsed = {}
-        return [list(parsed[key] if key in parsed else cache[key]) for key in map(caption_key, captions)]
+        return [list(parsed[key] if key in parsed else cache[key]) for key in keys]
 
     def _process_text(self, text, dependency_heads) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
