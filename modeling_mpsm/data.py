@@ -240,6 +240,7 @@ def convert_to_arrow(
                 cache_dir=os.path.join(work_dir, "cache"),
                 gen_kwargs={"data_dir": data_dir, "split_name": name, "chunks": chunks, "parser": parser},
                 num_proc=min(num_proc, len(chunks)) if num_proc > 1 else None,
+                writer_batch_size=chunk_size,  # rows held in memory before a write
                 fingerprint=f"mpsm-{name}-{digest}",  # skips hashing the generator's arguments
                 split=name,
             )

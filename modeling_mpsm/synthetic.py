@@ -160,19 +160,18 @@ def relation(a: Entity, b: Entity, width: int, height: int) -> str:
 
 
 def _entity_box(rng, size: str, count: int, center, width: int, height: int):
-    """Union box of a group of `count` members of the given size, centred at `center` and clipped inside the image."""
+    """Union box of a group of `count` members of the given size, centred exactly at `center` (shrunk to fit inside
+    the image, never shifted, so that relations, which depend on centres only, stay as sampled)."""
+    cx, cy = center
     scale = rng.uniform(0.12, 0.18) if size == "small" else rng.uniform(0.24, 0.34)
-    bw, bh = scale * width * count**0.8, scale * height * rng.uniform(0.8, 1.2)
-    bw, bh = min(bw, 0.9 * width), min(bh, 0.9 * height)
-    cx = float(np.clip(center[0], bw / 2, width - bw / 2))
-    cy = float(np.clip(center[1], bh / 2, height - bh / 2))
+    bw = min(scale * width * count**0.8, 2 * min(cx, width - cx))
+    bh = min(scale * height * rng.uniform(0.8, 1.2), 2 * min(cy, height - cy))
     return (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
 
 
-def _resize(rng, entity: Entity, width: int, height: int) -> Entity:
+def _resize(rng, entity: Entity, width: int, height: int) -> None:
     """Recompute the box of an entity after a size or count change, keeping its centre."""
     entity.box = _entity_box(rng, entity.size, entity.count, entity.center(), width, height)
-    return entity
 
 
 def sample_scene(rng) -> Scene:
@@ -205,7 +204,7 @@ def make_twin(rng, scene: Scene) -> Scene:
     two entities whose relation is directional (left/right/above/below), which flips that relation.
     """
     twin = copy.deepcopy(scene)
-    options = []
+    options = []  # (kind, entity index or pair of indices)
     for i, e in enumerate(scene.entities):
         options += [("color", i), ("size", i)]
         if len(CLASSES[e.name][2]) > 1:
@@ -217,18 +216,13 @@ def make_twin(rng, scene: Scene) -> Scene:
             if i < j and relation(a, b, scene.width, scene.height) != "next to":
                 options += [("relation", (i, j))] * 2
     kind, target = options[rng.integers(len(options))]
+    entity = None if kind == "relation" else twin.entities[target]
     if kind == "relation":
-        i, j = target
-        a, b = twin.entities[i], twin.entities[j]
+        a, b = twin.entities[target[0]], twin.entities[target[1]]
         ca, cb = a.center(), b.center()
         a.box = _entity_box(rng, a.size, a.count, cb, scene.width, scene.height)
         b.box = _entity_box(rng, b.size, b.count, ca, scene.width, scene.height)
-        before = relation(scene.entities[i], scene.entities[j], scene.width, scene.height)
-        if relation(a, b, scene.width, scene.height) != RELATIONS[before]:  # clipping undid the swap: change colour
-            twin = copy.deepcopy(scene)
-            kind, target = "color", i
-    entity = twin.entities[target] if kind != "relation" else None
-    if kind == "color":
+    elif kind == "color":
         colors = [c for c in CLASSES[entity.name][1] if c != entity.color]
         entity.color = colors[rng.integers(len(colors))]
     elif kind == "material":
@@ -267,7 +261,7 @@ def sample_plan(rng, scene: Scene, focus: dict | None = None) -> dict:
     """
     n = len(scene.entities)
     if focus is None:
-        candidates = [t for t in range(len(TEMPLATES)) if TEMPLATES[t].count("{") - TEMPLATES[t].count("{is") <= n]
+        candidates = [t for t, template in enumerate(TEMPLATES) if sum(f"{{{s}}}" in template for s in "ABC") <= n]
         template = int(candidates[rng.integers(len(candidates))])
         slots = [int(i) for i in rng.permutation(n)]
     elif focus["kind"] == "relation":
@@ -356,9 +350,11 @@ class FeatureBasis:
             start += size
         self.matrix = rng.standard_normal((start, feature_dim), dtype=np.float32)
 
-    def index(self, kind: str, value: str | int = 0) -> int:
-        vocab = {"class": CLASS_NAMES, "background": BACKGROUNDS, "color": ALL_COLORS, "size": SIZES, "material": MATERIALS}
-        return self.offsets[kind] + (vocab[kind].index(value) if isinstance(value, str) else value)
+    vocabularies = {"class": CLASS_NAMES, "background": BACKGROUNDS, "color": ALL_COLORS, "size": SIZES, "material": MATERIALS}
+
+    def index(self, kind: str, value: str | None = None) -> int:
+        """Row of the basis holding `value` of `kind` ('class', 'color', ...), or the single row of 'part'."""
+        return self.offsets[kind] + (self.vocabularies[kind].index(value) if value is not None else 0)
 
     def position_code(self, box, width: int, height: int) -> np.ndarray:
         """Fourier features of the normalised box centre and extent, shape [12]."""

@@ -10,7 +10,7 @@ import pytest
 from modeling_mpsm import synthetic
 
 
-SIZES = {"num_train": 40, "num_dev": 10, "num_test": 40, "feature_dim": 32}
+SIZES = {"num_train": 100, "num_dev": 10, "num_test": 40, "feature_dim": 32}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,11 @@ def test_twin_scenes_differ_in_one_thing(data_dir):
             k, kind = a["change"]["target"], a["change"]["kind"]
             changed = [key for key in ("color", "material", "count", "size") if a["entities"][k][key] != b["entities"][k][key]]
             assert changed == [kind]
+        else:
+            i, j = a["change"]["target"]
+            before = synthetic.relation(*(synthetic.Entity(**a["entities"][k]) for k in (i, j)), a["width"], a["height"])
+            after = synthetic.relation(*(synthetic.Entity(**b["entities"][k]) for k in (i, j)), b["width"], b["height"])
+            assert after == synthetic.RELATIONS[before] != before
 
 
 def test_region_features_carry_the_object_class(data_dir):
@@ -120,4 +125,4 @@ def test_region_features_carry_the_object_class(data_dir):
     predicted = classes[distances.argmin(1)]
     known = np.isin(test_y, classes)
     accuracy = (predicted[known] == test_y[known]).mean()
-    assert accuracy > 0.5 > 5 / len(synthetic.CLASS_NAMES)
+    assert accuracy > 10 / len(synthetic.CLASS_NAMES)  # chance is 1 / 25
