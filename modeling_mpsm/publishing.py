@@ -1,0 +1,237 @@
+"""Publish a trained MPSM checkpoint on the Hugging Face Hub.
+
+A checkpoint directory (what `save_pretrained` of the model and of its processor write) is checked, re-saved into a
+repository folder that loads with `AutoModel` / `AutoProcessor` and `trust_remote_code=True` (safetensors weights,
+`config.json` with `auto_map`, the modeling and processing code, the tokenizer), given a model card whose
+`model-index` holds the R@K results of an evaluation JSON, and uploaded with `HfApi`.
+
+The ensemble (MPSM*) is published as one repository holding both members (`MPSMEnsembleModel` saved as one
+checkpoint); the card template `hub_configs/mpsm-ensemble/README.md` explains why.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
+from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
+from .processing_mpsm import MPSMProcessor
+
+
+# The card templates live beside the paper-size configurations, at the top of the repository.
+HUB_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "hub_configs"
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+METRIC_KEYS = RECALL_KEYS + ("rsum",)
+DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
+CONFIG_CLASSES = {"mpsm": MPSMConfig, "mpsm_ensemble": MPSMEnsembleConfig}
+CARD_TAGS = ["mpsm", "image-text-retrieval", "cross-modal-retrieval", "region-features", "custom_code"]
+
+
+def model_variant(config) -> str:
+    """Name of the published variant of a configuration: "dis", "dir", "joint" or "ensemble"."""
+    if isinstance(config, MPSMEnsembleConfig):
+        return "ensemble"
+    return {"distance": "dis", "direction": "dir", "joint": "joint"}[config.similarity]
+
+
+def _tokenizer_vocab_size(tokenizer_file: Path) -> int:
+    with open(tokenizer_file, encoding="utf-8") as file:
+        model = json.load(file).get("model", {})
+    if model.get("type") != "WordLevel":
+        raise ValueError(f"{tokenizer_file} must hold a WordLevel tokenizer, got model type {model.get('type')!r}")
+    return len(model["vocab"])
+
+
+def check_checkpoint(checkpoint_dir, processor_dir=None):
+    """
+    Check that a checkpoint can be published and return its configuration.
+
+    Args:
+        checkpoint_dir (`str` or `Path`): directory written by `MPSMModel.save_pretrained` or
+            `MPSMEnsembleModel.save_pretrained`.
+        processor_dir (`str` or `Path`, *optional*): directory written by `MPSMProcessor.save_pretrained`;
+            defaults to `checkpoint_dir`.
+
+    Raises:
+        `ValueError` naming the file at fault: no `config.json` or not an MPSM configuration, no weights, no
+        `tokenizer.json`, or a tokenizer whose vocabulary size differs from the configuration's `vocab_size`.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    processor_dir = Path(processor_dir) if processor_dir is not None else checkpoint_dir
+    config_file = checkpoint_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file} is missing: `checkpoint_dir` must be a directory written by save_pretrained")
+    with open(config_file, encoding="utf-8") as file:
+        model_type = json.load(file).get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ValueError(f"{config_file} has model_type {model_type!r}, not one of {list(CONFIG_CLASSES)}")
+    config = CONFIG_CLASSES[model_type].from_pretrained(checkpoint_dir)
+    if not any((checkpoint_dir / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"{checkpoint_dir / WEIGHT_FILES[0]} is missing: no weights in {checkpoint_dir}")
+    tokenizer_file = processor_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ValueError(
+            f"{tokenizer_file} is missing: save the processor next to the model (`processor.save_pretrained(dir)`)"
+        )
+    vocab_size = config.dis_config.vocab_size if isinstance(config, MPSMEnsembleConfig) else config.vocab_size
+    tokenizer_vocab_size = _tokenizer_vocab_size(tokenizer_file)
+    if tokenizer_vocab_size != vocab_size:
+        raise ValueError(
+            f"{tokenizer_file} has {tokenizer_vocab_size} words but {config_file} has vocab_size={vocab_size}: "
+            "the model was trained with another vocabulary"
+        )
+    return config
+
+
+def load_metrics(path) -> dict:
+    """
+    Read an evaluation JSON: the numbers `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum` and a `dataset` name,
+    optionally a `split` and a `protocol` (e.g. "5-fold 1K"). Other keys are ignored.
+    """
+    with open(path, encoding="utf-8") as file:
+        metrics = json.load(file)
+    missing = [key for key in METRIC_KEYS + ("dataset",) if key not in metrics]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {missing}")
+    wrong = [key for key in METRIC_KEYS if isinstance(metrics[key], bool) or not isinstance(metrics[key], (int, float))]
+    if wrong:
+        raise ValueError(f"{path}: {wrong} must be numbers")
+    return metrics
+
+
+def eval_results(metrics: dict) -> list[EvalResult]:
+    """One `model-index` entry per direction and K (plus RSUM), on the metrics' dataset, split and protocol."""
+    common = {
+        "task_type": "image-text-retrieval",
+        "task_name": "Image-text retrieval",
+        "dataset_type": metrics["dataset"],
+        "dataset_name": metrics["dataset"],
+        "dataset_split": metrics.get("split"),
+        "dataset_config": metrics.get("protocol"),
+    }
+    results = []
+    for key in RECALL_KEYS:
+        direction, k = key.split("_r")
+        results.append(
+            EvalResult(
+                metric_type=f"recall@{k}",
+                metric_name=f"R@{k} {DIRECTIONS[direction]}",
+                metric_config=DIRECTIONS[direction],
+                metric_value=metrics[key],
+                **common,
+            )
+        )
+    results.append(EvalResult(metric_type="rsum", metric_name="RSUM", metric_value=metrics["rsum"], **common))
+    return results
+
+
+def results_table(metrics: dict) -> str:
+    """The metrics as a markdown table (one row) for the body of the card."""
+    header = "| Dataset | Split | Protocol | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | RSUM |"
+    cells = [metrics["dataset"], metrics.get("split", "-"), metrics.get("protocol", "-")]
+    cells += [f"{metrics[key]:.1f}" for key in METRIC_KEYS]
+    return "\n".join([header, "|---" * 10 + "|", "| " + " | ".join(map(str, cells)) + " |"])
+
+
+def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | None = None, template_path=None,
+                     training_args: bool = False):
+    """
+    The model card of a checkpoint: metadata (library, tags, `model-index` from `metrics`) and the body rendered
+    from the variant's template, `hub_configs/mpsm-{dis,dir,ensemble}/README.md` unless `template_path` is given.
+    `training_args` tells the card that the repository holds the run's `training_args.json`.
+    """
+    variant = model_variant(config)
+    if template_path is None:
+        template_path = HUB_CONFIGS_DIR / f"mpsm-{variant}" / "README.md"
+        if not template_path.is_file():
+            raise ValueError(f"no card template for the {variant!r} variant at {template_path}; pass `template_path`")
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        library_name="transformers",
+        license="apache-2.0",
+        tags=CARD_TAGS,
+        eval_results=eval_results(metrics) if metrics else None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        repo_id=repo_id,
+        num_parameters=f"{num_parameters:,}",
+        vocab_size=(config.dis_config if variant == "ensemble" else config).vocab_size,
+        results_table=results_table(metrics) if metrics else None,
+        training_args=training_args,
+    )
+
+
+def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None = None, processor_dir=None,
+                  template_path=None) -> list[Path]:
+    """
+    Write the repository folder of a checkpoint into `output_dir` and return its files.
+
+    The model is loaded with the package's classes and saved again, so the folder holds safetensors weights and a
+    `config.json` with `auto_map` next to the code `save_pretrained` copies (`modeling_mpsm.py`,
+    `configuration_mpsm.py`); the processor's save adds `processing_mpsm.py` and the tokenizer files; the run's
+    `training_args.json` is copied when the checkpoint has one. Fails if the weights do not match the configuration.
+    """
+    config = check_checkpoint(checkpoint_dir, processor_dir)
+    model_class = MPSMEnsembleModel if isinstance(config, MPSMEnsembleConfig) else MPSMModel
+    model, loading_info = model_class.from_pretrained(checkpoint_dir, output_loading_info=True)
+    mismatched = {name: keys for name, keys in loading_info.items() if keys and name != "error_msgs"}
+    if mismatched:
+        raise ValueError(f"the weights in {checkpoint_dir} do not match its config.json: {mismatched}")
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    MPSMProcessor.from_pretrained(processor_dir or checkpoint_dir).save_pretrained(output_dir)
+    training_args = Path(checkpoint_dir) / "training_args.json"
+    if training_args.is_file():
+        shutil.copy(training_args, output_dir / training_args.name)
+    card = build_model_card(
+        model.config, repo_id, model.num_parameters(), metrics, template_path, training_args=training_args.is_file()
+    )
+    card.save(output_dir / "README.md")
+    return sorted(path for path in output_dir.rglob("*") if path.is_file())
+
+
+def publish(checkpoint_dir, repo_id: str, metrics_path=None, private: bool = False, dry_run: bool = False,
+            revision: str | None = None, processor_dir=None, commit_message: str | None = None):
+    """
+    Check, assemble and upload a checkpoint to the Hub repository `repo_id`.
+
+    Args:
+        checkpoint_dir: directory of the trained model (and of its processor unless `processor_dir` is given).
+        repo_id (`str`): "org/name".
+        metrics_path: evaluation JSON (see `load_metrics`) whose results go in the card's `model-index`.
+        private (`bool`): create the repository private.
+        dry_run (`bool`): print the files (with sizes) and the card, upload nothing.
+        revision (`str`, *optional*): branch to upload to (created if needed); the default branch otherwise.
+        commit_message (`str`, *optional*): defaults to "Upload <name>".
+
+    Returns:
+        The `CommitInfo` of the upload, or `None` for a dry run.
+    """
+    metrics = load_metrics(metrics_path) if metrics_path is not None else None
+    with tempfile.TemporaryDirectory() as folder:
+        files = assemble_repo(checkpoint_dir, folder, repo_id, metrics, processor_dir)
+        if dry_run:
+            target = f"{repo_id}@{revision}" if revision else repo_id
+            print(f"Dry run: would upload {len(files)} files to {target} (private={private}):")
+            for path in files:
+                print(f"  {path.relative_to(folder)!s:<28} {path.stat().st_size:>14,} bytes")
+            print("\n" + (Path(folder) / "README.md").read_text(encoding="utf-8"))
+            return None
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]}",
+            revision=revision,
+        )
