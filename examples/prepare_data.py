@@ -10,6 +10,8 @@ Re-running with unchanged inputs reuses the finished conversion; an interrupted 
 import argparse
 import sys
 
+from datasets.exceptions import DatasetGenerationError
+
 from modeling_mpsm.data import convert_to_arrow
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 
@@ -30,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     dependency_parser = None if args.parser == "none" else get_dependency_parser(args.parser)
     try:
         dataset_dict = convert_to_arrow(args.data_dir, args.output_dir, args.splits, dependency_parser, args.num_proc)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except DatasetGenerationError as error:  # raised while reading or parsing: show what went wrong
+        print(f"error: {error.__cause__ or error}", file=sys.stderr)
         return 1
     for name, dataset in dataset_dict.items():
         print(f"{name}: {len(dataset)} images, {dataset.features['region_features'].shape} region features")

@@ -210,11 +210,13 @@ def convert_to_arrow(
     Images are streamed `chunk_size` at a time, so the feature array is never loaded whole; `num_proc` processes
     convert (and parse) chunks in parallel. The result is built in a temporary
     directory and renamed into place: a failure leaves nothing at `output_dir`. If `output_dir` already holds a
-    finished conversion of the same inputs (file sizes and modification times, splits and parser), it is reused.
+    finished conversion of the same inputs (file sizes and modification times, splits and parser), it is reused; a
+    conversion of other inputs is replaced; any other non-empty directory raises `FileExistsError`.
     """
     data_dir, output_dir = os.path.abspath(data_dir), os.path.abspath(output_dir)
     fingerprint = {
         "version": CONVERSION_VERSION,
+        "data_dir": data_dir,
         "parser": _parser_name(parser),
         "splits": {name: ScanSplit(data_dir, name).fingerprint() for name in splits},
     }
@@ -223,6 +225,8 @@ def convert_to_arrow(
         with open(marker, encoding="utf-8") as f:
             if json.load(f) == fingerprint:
                 return datasets.load_from_disk(output_dir)
+    elif os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"{output_dir} is not empty and holds no {MARKER_FILE}: refusing to replace it.")
 
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     parent = os.path.dirname(output_dir)
@@ -247,8 +251,8 @@ def convert_to_arrow(
         dataset_dict.save_to_disk(result_dir)
         with open(os.path.join(result_dir, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump(fingerprint, f)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)  # a stale or unfinished conversion of other inputs
+        if os.path.exists(output_dir):  # a conversion of other inputs: moved aside, deleted with work_dir
+            os.replace(output_dir, os.path.join(work_dir, "previous"))
         os.replace(result_dir, output_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -136,6 +136,13 @@ def test_conversion_is_idempotent_and_tracks_inputs(scan_dir, tmp_path):
     assert "dependency_heads" in datasets.load_from_disk(out)["dev"].column_names  # other settings: redone
 
 
+def test_conversion_never_replaces_foreign_directories(scan_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=str(tmp_path)):
+        data.convert_to_arrow(scan_dir, tmp_path, splits=("dev",))
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_failed_conversion_leaves_nothing(scan_dir, tmp_path, monkeypatch):
     def broken_rows(*args, **kwargs):
         yield from []
