@@ -201,3 +201,15 @@ def test_evaluation_batches_cover_each_item_once_in_order(scan_dir, tmp_path):
 
     processed = next(data.caption_batches(test, batch_size=8, processor=FakeProcessor()))
     assert processed["input_ids"].shape[0] == 8 and processed["image_index"].tolist() == [0] * 5 + [1] * 3
+
+
+def test_collator_with_the_real_processor(scan_dir, tmp_path):
+    processing = pytest.importorskip("modeling_mpsm.processing_mpsm")
+    vocabulary = pytest.importorskip("modeling_mpsm.vocabulary")
+    train = data.convert_to_arrow(scan_dir, tmp_path / "arrow", splits=("train",), parser=ChainParser())["train"]
+    word2idx = vocabulary.build_vocabulary([c for row in train["captions"] for c in row], min_count=1)
+    processor = processing.MPSMProcessor(vocabulary.build_tokenizer(word2idx), dependency_parser="fallback")
+    pairs = data.CaptionPairDataset(train)
+    batch = data.MPSMCollator(processor)([pairs[i] for i in (0, 1, 7)])
+    assert batch["region_features"].shape == (3, 36, 32) and batch["boxes"].shape == (3, 36, 4)
+    assert batch["dependency_adjacency"].shape[0] == 3 and batch["image_index"].tolist() == [0, 0, 1]
