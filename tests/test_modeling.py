@@ -1,0 +1,428 @@
+"""Tests of MPSMConfig / MPSMModel / MPSMEnsembleModel: each equation on small hand-checkable cases."""
+
+import math
+
+import pytest
+import torch
+
+from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel
+from modeling_mpsm.modeling_mpsm import (
+    MPSMKGIDLayer,
+    MPSMSimilarityRepresentation,
+    MPSMSpatialKernels,
+    MPSMSRGRStep,
+    chain_adjacency,
+    semantic_knowledge_graph,
+    triplet_loss,
+)
+
+TINY = dict(img_dim=12, vocab_size=40, word_dim=8, embed_size=16, sim_dim=8, num_regions=6)
+
+
+def tiny_config(**overrides):
+    return MPSMConfig(**{**TINY, **overrides})
+
+
+def make_batch(batch=3, regions=5, words=6, img_dim=12, vocab=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x1y1 = torch.rand(batch, regions, 2, generator=generator) * 0.5
+    wh = torch.rand(batch, regions, 2, generator=generator) * 0.5
+    lengths = torch.tensor([words - i % 3 for i in range(batch)])
+    attention_mask = (torch.arange(words)[None] < lengths[:, None]).long()
+    input_ids = torch.randint(4, vocab, (batch, words), generator=generator) * attention_mask
+    return dict(
+        region_features=torch.randn(batch, regions, img_dim, generator=generator),
+        boxes=torch.cat([x1y1, x1y1 + wh], -1),
+        region_mask=torch.ones(batch, regions, dtype=torch.long),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        dependency_adjacency=chain_adjacency(attention_mask),
+    )
+
+
+def eval_model(**overrides):
+    torch.manual_seed(0)
+    return MPSMModel(tiny_config(**overrides)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("kgid_layers", -1, "kgid_layers"),
+        ("alignment", "both", "alignment"),
+        ("similarity", "cosine", "similarity"),
+        ("lambda_softmax", 0.0, "lambda_softmax"),
+        ("margin", -0.1, "margin"),
+        ("embed_size", 1.5, "embed_size"),
+        ("use_srgr", "yes", "use_srgr"),
+        ("streams", "x", "streams"),
+        ("loss_type", "hinge", "loss_type"),
+        ("dropout", 1.0, "dropout"),
+    ],
+)
+def test_config_rejects_bad_values(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**{name: value})
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config(similarity="joint", kgid_layers=2, streams="both")
+    config.save_pretrained(tmp_path)
+    loaded = MPSMConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.perspectives == ("distance", "direction") and loaded.stream_names == ("t2i", "i2t")
+
+
+# ----------------------------------------------------------------------------------------------------- eq 1-4
+def test_spatial_kernels_use_polar_coordinates():
+    kernels = MPSMSpatialKernels(tiny_config(num_spatial_kernels=1))
+    with torch.no_grad():
+        kernels.mean_rho.fill_(0.5)
+        kernels.mean_theta.fill_(math.pi / 2)
+        kernels.log_sigma_rho.fill_(0.0)
+        kernels.log_sigma_theta.fill_(0.0)
+        kernels.mixture_logits.fill_(0.0)
+    # box centres (0.1, 0.1) and (0.6, 0.1): offset (0.5, 0) -> rho 0.5, theta = atan2(0.5, 0) = pi/2
+    boxes = torch.tensor([[[0.0, 0.0, 0.2, 0.2], [0.5, 0.0, 0.7, 0.2]]])
+    prior = kernels(boxes)
+    assert prior[0, 0, 1].item() == pytest.approx(1.0, abs=1e-6)  # exactly at the kernel mean
+    # reverse offset: theta = -pi/2, a full pi away from the mean
+    assert prior[0, 1, 0].item() == pytest.approx(math.exp(-0.5 * math.pi**2), abs=1e-6)
+    # same box: rho 0, theta 0 -> ((0-0.5)^2 + (pi/2)^2) / -2
+    assert prior[0, 0, 0].item() == pytest.approx(math.exp(-0.5 * (0.25 + (math.pi / 2) ** 2)), abs=1e-6)
+
+
+def test_semantic_graph_columns_are_unit_norm_and_padding_is_zero():
+    torch.manual_seed(0)
+    nodes = torch.nn.functional.normalize(torch.randn(2, 4, 5), dim=-1)
+    prior = torch.rand(2, 4, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    edges = semantic_knowledge_graph(nodes, prior, mask, lambda_softmax=9.0)
+    norms = edges.norm(dim=1)
+    assert torch.allclose(norms[0], torch.ones(4), atol=1e-6)
+    assert torch.allclose(norms[1, :3], torch.ones(3), atol=1e-6)
+    assert edges[1, 3].abs().sum() == 0 and edges[1, :, 3].abs().sum() == 0
+    # hand-check one entry: r = softmax_j(9 x_i.x_j) over valid j, e = r * P, column-normalised
+    relevance = torch.softmax(9.0 * nodes[1, :3] @ nodes[1, :3].T, dim=-1) * prior[1, :3, :3]
+    expected = relevance / relevance.norm(dim=0, keepdim=True)
+    assert torch.allclose(edges[1, :3, :3], expected, atol=1e-6)
+
+
+def test_chain_adjacency_is_symmetric_with_self_loops():
+    adjacency = chain_adjacency(torch.tensor([[1, 1, 1, 0]]))
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float)
+    assert torch.equal(adjacency[0], expected)
+
+
+# ----------------------------------------------------------------------------------------------------- eq 5-9
+def test_kgid_gate_in_unit_interval_and_adaptive_edges_masked():
+    torch.manual_seed(0)
+    layer = MPSMKGIDLayer(tiny_config(), rebuild_adjacency=True)
+    nodes = torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    adjacency = layer.adaptive_adjacency(nodes, mask)
+    assert torch.allclose(adjacency[0].sum(-1), torch.ones(5), atol=1e-6)  # eq 9 rows are softmax
+    assert torch.allclose(adjacency[1, :2].sum(-1), torch.ones(2), atol=1e-6)
+    assert adjacency[1, :, 2:].abs().sum() == 0 and adjacency[1, 2:].abs().sum() == 0
+    out, gate = layer(nodes, None, mask)
+    assert (gate >= 0).all() and (gate <= 1).all()
+    assert (out >= 0).all()  # ReLU of eq 8
+    assert out[1, 2:].abs().sum() == 0
+
+
+def test_kgid_layer_matches_hand_computation():
+    torch.manual_seed(1)
+    layer = MPSMKGIDLayer(tiny_config(embed_size=3), rebuild_adjacency=False)
+    nodes = torch.rand(1, 2, 3)
+    adjacency = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out, _ = layer(nodes, adjacency, mask)
+    knowledge = torch.softmax(adjacency[0] @ nodes[0] @ layer.propagation.weight.T, -1) * nodes[0]
+    gate = torch.sigmoid(knowledge * nodes[0] + nodes[0])
+    gated = gate * knowledge + (1 - gate) * nodes[0]
+    expected = torch.relu(gated @ layer.transform.weight.T + layer.transform.bias + nodes[0])
+    assert torch.allclose(out[0], expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- eq 10-15
+def test_distance_and_direction_representations():
+    config = tiny_config(embed_size=3, sim_dim=3)
+    x = torch.tensor([[1.0, 2.0, 2.0]])
+    y = torch.tensor([[2.0, 0.0, 2.0]])
+    distance = MPSMSimilarityRepresentation(config, "distance")
+    direction = MPSMSimilarityRepresentation(config, "direction")
+    for module in (distance, direction):
+        with torch.no_grad():
+            module.proj.weight.copy_(torch.eye(3))
+            module.proj.bias.zero_()
+    # distance: (x - y)^2 = (1, 4, 0) -> /sqrt(17)
+    assert torch.allclose(distance(x, y), torch.tensor([[1.0, 4.0, 0.0]]) / math.sqrt(17), atol=1e-6)
+    # direction: x/|x| * y/|y| = (1,2,2)/3 * (2,0,2)/sqrt(8) = (2, 0, 4)/(3 sqrt 8); sums to the cosine 6/(3 sqrt 8)
+    terms = torch.tensor([[2.0, 0.0, 4.0]]) / (3 * math.sqrt(8))
+    assert terms.sum().item() == pytest.approx(torch.cosine_similarity(x, y).item(), abs=1e-6)
+    assert torch.allclose(direction(x, y), terms / terms.norm(), atol=1e-6)
+    # the perspectives differ, and direction is invariant to the scale of its inputs
+    assert not torch.allclose(distance(x, y), direction(x, y))
+    assert torch.allclose(direction(3 * x, 0.5 * y), direction(x, y), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- eq 16-20
+def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
+    torch.manual_seed(0)
+    step = MPSMSRGRStep(tiny_config()).eval()
+    nodes = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    forward_edges, backward_edges = step.edges(nodes, mask)
+    for edges in (forward_edges, backward_edges):
+        assert torch.allclose(edges.sum(-1), torch.ones(3, 5), atol=1e-6)
+        assert edges[1, :, 3:].abs().sum() == 0 and edges[2, :, 1:].abs().sum() == 0
+    # E← is E→ with the roles of w_out and w_in swapped: sigma(i_a + o_b)
+    o = step.out_norm(step.out_score(nodes).squeeze(-1), mask)[0]
+    i = step.in_norm(step.in_score(nodes).squeeze(-1), mask)[0]
+    expected = torch.sigmoid(i[:, None] + o[None, :])
+    assert torch.allclose(backward_edges[0], expected / expected.sum(-1, keepdim=True), atol=1e-6)
+    out = step(nodes, mask)
+    assert out.shape == nodes.shape and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------------- eq 21
+def test_triplet_loss_hand_computed():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.95]])
+    assert triplet_loss(scores, margin=0.2).item() == 0.0  # positives beat every negative by the margin
+    scores = torch.tensor([[0.5, 0.6], [0.2, 0.4]])
+    # image 0: 0.2 + 0.6 - 0.5 = 0.3; image 1: 0.2 + 0.2 - 0.4 = 0 ; caption 0: 0.2 + 0.2 - 0.5 = 0; caption 1: 0.2 + 0.6 - 0.4 = 0.4
+    assert triplet_loss(scores, margin=0.2).item() == pytest.approx(0.7, abs=1e-6)
+    scores = torch.tensor([[0.5, 0.6, 0.55], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]])
+    hardest = triplet_loss(scores, margin=0.2, max_violation=True).item()
+    summed = triplet_loss(scores, margin=0.2, max_violation=False).item()
+    # image 0 negatives: 0.3 and 0.25 -> hardest 0.3, sum 0.55; captions: column 1 -> 0.3, column 2 -> 0.25
+    assert hardest == pytest.approx(0.3 + 0.3 + 0.25, abs=1e-6)
+    assert summed == pytest.approx(0.55 + 0.3 + 0.25, abs=1e-6)
+    same_image = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    assert triplet_loss(scores, 0.2, True, same_image).item() == pytest.approx(0.25 + 0.25, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- the model
+def test_forward_shapes_and_clip_convention():
+    model = eval_model()
+    batch = make_batch()
+    output = model(**batch, return_loss=True)
+    assert output.logits_per_image.shape == (3, 3)
+    assert torch.equal(output.logits_per_text, output.logits_per_image.T)
+    assert output.image_embeds.shape == (3, 16) and output.text_embeds.shape == (3, 16)
+    assert ((output.logits_per_image > 0) & (output.logits_per_image < 1)).all()
+    assert output.loss.dim() == 0 and output.loss >= 0
+    assert model(**batch).loss is None
+
+
+def test_similarity_equals_forward_and_pairwise_scores():
+    model = eval_model(similarity="joint")
+    batch = make_batch(batch=4)
+    with torch.no_grad():
+        image = model.encode_image(batch["region_features"], batch["boxes"], batch["region_mask"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["dependency_adjacency"])
+        block = model.similarity(image, text)
+        assert torch.allclose(block, model(**batch).logits_per_image, atol=1e-6)
+        for i in range(4):
+            for j in range(4):
+                one_image = type(image)(**{k: v[i : i + 1] for k, v in image.items()})
+                one_text = type(text)(**{k: v[j : j + 1] for k, v in text.items()})
+                assert model.similarity(one_image, one_text).item() == pytest.approx(block[i, j].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"similarity": "direction"},
+        {"similarity": "joint"},
+        {"streams": "both", "similarity": "joint"},
+        {"streams": "i2t"},
+        {"word_self_attention": True, "text_guided_image_features": True},
+        {"alignment": "local"},
+        {"alignment": "global"},
+        {"use_srgr": False},
+        {"kgid_layers": 0},
+    ],
+)
+def test_padding_never_changes_scores(overrides):
+    """Extra padded regions and words (eval mode) give the same scores as the unpadded inputs."""
+    model = eval_model(**overrides)
+    batch = make_batch(batch=3, regions=4, words=5)
+    padded = dict(batch)
+    padded["region_features"] = torch.cat([batch["region_features"], 100 * torch.randn(3, 2, 12)], 1)
+    padded["boxes"] = torch.cat([batch["boxes"], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(3, 2, 4)], 1)
+    padded["region_mask"] = torch.cat([batch["region_mask"], torch.zeros(3, 2, dtype=torch.long)], 1)
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.full((3, 3), 7)], 1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(3, 3, dtype=torch.long)], 1)
+    padded["dependency_adjacency"] = torch.nn.functional.pad(batch["dependency_adjacency"], (0, 3, 0, 3), value=1.0)
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+        assert torch.allclose(model(**padded).logits_per_image, expected, atol=1e-5)
+        assert torch.isfinite(expected).all()
+
+
+VARIANTS = [
+    {"kgid_layers": 0},
+    {"visual_kgid": False},
+    {"textual_kgid": False},
+    {"use_srgr": False},
+    {"alignment": "global"},
+    {"alignment": "local"},
+    {"similarity": "direction"},
+    {"srgr_steps": 1},
+    {"loss_type": "fine_grained_labels"},
+    {"loss_type": "both"},
+    {"streams": "both"},
+    {"global_loss_weight": 0.5},
+    {"word_self_attention": True},
+    {"text_guided_image_features": True},
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_every_variant_trains_with_finite_gradients(overrides):
+    torch.manual_seed(0)
+    model = MPSMModel(tiny_config(**overrides)).train()
+    loss = model(**make_batch(batch=4, seed=3), return_loss=True, max_violation=False).loss
+    loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert loss.item() > 0 and gradients and all(torch.isfinite(g).all() for g in gradients)
+    assert sum(g.abs().sum().item() for g in gradients) > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"similarity": "joint"}, {"loss_type": "both", "streams": "both", "word_self_attention": True}],
+)
+def test_training_steps_make_the_loss_fall(overrides):
+    torch.manual_seed(0)
+    model = MPSMModel(tiny_config(dropout=0.0, **overrides)).train()
+    batch = make_batch(batch=6, regions=5, words=6, seed=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model(**batch, return_loss=True, max_violation=False).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(value) for value in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_kgid_ablation_removes_parameters():
+    full = MPSMModel(tiny_config())
+    without = MPSMModel(tiny_config(kgid_layers=0))
+    assert without.visual_kgid is None and without.textual_kgid is None and without.spatial_kernels is None
+    assert sum(p.numel() for p in without.parameters()) < sum(p.numel() for p in full.parameters())
+    assert len(full.visual_kgid.layers) == 3 and full.visual_kgid.layers[0].edge_out is None
+
+
+def test_missing_boxes_warn_once_and_fall_back():
+    model = eval_model()
+    batch = make_batch()
+    batch.pop("boxes")
+    with pytest.warns(UserWarning, match="boxes"):
+        output = model(**batch)
+    assert torch.isfinite(output.logits_per_image).all()
+
+
+def test_scores_never_nan_on_extreme_inputs():
+    model = eval_model()
+    batch = make_batch()
+    for features in (torch.zeros(3, 5, 12), 1e6 * torch.ones(3, 5, 12), 1e-30 * torch.randn(3, 5, 12)):
+        batch["region_features"] = features
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).logits_per_image).all()
+
+
+def test_pixel_boxes_with_image_sizes_equal_normalised_boxes():
+    model = eval_model()
+    batch = make_batch()
+    sizes = torch.tensor([[640, 480], [500, 375], [800, 600]])
+    pixel = dict(batch, boxes=batch["boxes"] * sizes.repeat(1, 2).unsqueeze(1).float(), image_sizes=sizes)
+    with torch.no_grad():
+        assert torch.allclose(model(**pixel).logits_per_image, model(**batch).logits_per_image, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, argument",
+    [
+        (lambda b: b.update(region_features=torch.randn(3, 5, 11)), "region_features"),
+        (lambda b: b.update(region_features=torch.randn(3, 12)), "region_features"),
+        (lambda b: b.update(boxes=b["boxes"][:2]), "boxes"),
+        (lambda b: b.update(boxes=b["boxes"][..., :3]), "boxes"),
+        (lambda b: b["region_features"].__setitem__((0, 0, 0), float("nan")), "region_features"),
+        (lambda b: b["region_features"].__setitem__((1, 2, 3), float("inf")), "region_features"),
+        (lambda b: b["boxes"].__setitem__((0, 0, 2), 1.5), "boxes"),
+        (lambda b: b["boxes"].__setitem__((0, 0, 0), 0.9), "boxes"),  # x2 < x1
+        (lambda b: b["attention_mask"].__setitem__(1, 0), "attention_mask"),
+        (lambda b: b["region_mask"].__setitem__(2, 0), "region_mask"),
+        (lambda b: b.update(input_ids=b["input_ids"].float()), "input_ids"),
+        (lambda b: b.update(input_ids=b["input_ids"] + 1000), "input_ids"),
+        (lambda b: b.update(dependency_adjacency=b["dependency_adjacency"][:, :2]), "dependency_adjacency"),
+        (lambda b: b.update(region_mask=b["region_mask"][:, :2]), "region_mask"),
+        (lambda b: b.update(image_sizes=torch.tensor([[10, 10]])), "image_sizes"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(change, argument):
+    model = eval_model()
+    batch = make_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=argument):
+        model(**batch)
+
+
+def test_loss_needs_a_square_batch():
+    model = eval_model()
+    batch = make_batch()
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:2], batch["attention_mask"][:2]
+    batch["dependency_adjacency"] = batch["dependency_adjacency"][:2]
+    assert model(**batch).logits_per_image.shape == (3, 2)
+    with pytest.raises(ValueError, match="as many captions as images"):
+        model(**batch, return_loss=True)
+
+
+# ----------------------------------------------------------------------------------------------------- MPSM*
+def test_ensemble_is_the_mean_of_its_members_and_saves_as_one_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    dis_model = MPSMModel(tiny_config(similarity="distance")).eval()
+    dir_model = MPSMModel(tiny_config(similarity="direction")).eval()
+    ensemble = MPSMEnsembleModel.from_members(dis_model, dir_model).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        expected = (dis_model(**batch).logits_per_image + dir_model(**batch).logits_per_image) / 2
+        assert torch.allclose(ensemble(**batch).logits_per_image, expected, atol=1e-6)
+        image = ensemble.encode_image(batch["region_features"], batch["boxes"], batch["region_mask"])
+        text = ensemble.encode_text(batch["input_ids"], batch["attention_mask"], batch["dependency_adjacency"])
+        assert torch.allclose(ensemble.similarity(image, text), expected, atol=1e-6)
+    ensemble.save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    loaded = MPSMEnsembleModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.dis_config.similarity == "distance" and loaded.config.dir_config.similarity == "direction"
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits_per_image, expected, atol=1e-6)
+    assert ensemble(**batch, return_loss=True).loss > 0
+
+
+def test_ensemble_config_checks_members():
+    with pytest.raises(ValueError, match="vocab_size"):
+        MPSMEnsembleConfig(dis_config={**TINY}, dir_config={**TINY, "vocab_size": 99})
+    with pytest.raises(ValueError, match="dis_model"):
+        MPSMEnsembleModel.from_members("not a model", MPSMModel(tiny_config()))
+
+
+def test_save_and_load_keeps_weights_and_scores(tmp_path):
+    model = eval_model(similarity="joint", streams="both")
+    model.save_pretrained(tmp_path)
+    config = __import__("json").loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"].endswith("MPSMModel")
+    assert (tmp_path / "modeling_mpsm.py").exists() and (tmp_path / "configuration_mpsm.py").exists()
+    loaded = MPSMModel.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits_per_image, loaded(**batch).logits_per_image)
