@@ -134,7 +134,7 @@ def results_table(metrics: dict) -> str:
     """The metrics as a markdown table (one row) for the body of the card."""
     header = "| Dataset | Split | Protocol | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | RSUM |"
     cells = [metrics["dataset"], metrics.get("split", "-"), metrics.get("protocol", "-")]
-    cells += [f"{metrics[key]:.1f}" for key in METRIC_KEYS]
+    cells += [f"{metrics[key]:.2f}" for key in METRIC_KEYS]
     return "\n".join([header, "|---" * 10 + "|", "| " + " | ".join(map(str, cells)) + " |"])
 
 

@@ -4,6 +4,7 @@ upload calls (HfApi mocked) and the dry run of examples/publish_to_hub.py."""
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -160,6 +161,14 @@ def test_check_checkpoint_names_the_missing_or_wrong_file(checkpoint, tmp_path):
         check_checkpoint(tmp_path)
 
 
+def test_assemble_repo_refuses_weights_of_another_configuration(checkpoint, tmp_path):
+    shutil.copytree(checkpoint, tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps({**config, "kgid_layers": 2}))
+    with pytest.raises(ValueError, match="do not match its config.json: .*missing_keys.*textual_kgid.layers.1"):
+        assemble_repo(tmp_path / "checkpoint", tmp_path / "repo", "mpsm-org/mpsm-dis-tiny")
+
+
 def test_load_metrics_requires_the_recalls_and_the_dataset(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({key: value for key, value in METRICS.items() if key not in ("t2i_r5", "dataset")}))
@@ -205,7 +214,7 @@ def test_assembled_repo_has_code_weights_processor_and_card(checkpoint, metrics_
     check_model_index(card, METRICS)
     assert card.data.library_name == "transformers" and "custom_code" in card.data.tags
     assert "MPSM (dis)" in card.text and "| 77.5 | 94.0 | 97.0 | 58.7 | 83.6 | 89.1 |" in card.text
-    assert "| synthetic-scenes | test | 1K | 52.5 | 81.0 | 90.2 | 41.0 | 72.5 | 83.0 | 420.2 |" in card.text
+    assert "| synthetic-scenes | test | 1K | 52.50 | 81.00 | 90.25 | 41.00 | 72.50 | 83.00 | 420.25 |" in card.text
     assert 'AutoModel.from_pretrained("mpsm-org/mpsm-dis-tiny", trust_remote_code=True)' in card.text
 
 
