@@ -1,0 +1,283 @@
+"""Train MPSM on precomputed region features with 🤗 Accelerate (in the style of the transformers `*_no_trainer.py`
+examples).
+
+    accelerate launch examples/train_mpsm.py --data_dir data/f30k_precomp --output_dir runs/mpsm-dis \
+        --config hub_configs/mpsm-dis/training_args.json
+    python examples/train_mpsm.py --data_dir data/synthetic --output_dir runs/tiny --similarity distance \
+        --set embed_size=256 sim_dim=64 --num_epochs 2 --batch_size 64
+
+`--data_dir` is a SCAN/GSMN folder (`train_ims.npy`, `train_caps.txt`, ...; converted to Arrow with dependency parses
+on first use, cached in `<data_dir>/arrow_cache`) or an Arrow `DatasetDict` from `examples/prepare_data.py`.
+The best model (validation rsum on `dev`) is saved in `--output_dir` itself, loadable with
+`AutoModel.from_pretrained(output_dir, trust_remote_code=True)` and `MPSMProcessor.from_pretrained(output_dir)`;
+resumable training states are in `<output_dir>/checkpoints/step_N`. See docs/training.md.
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+
+from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
+from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, load_split
+from modeling_mpsm.evaluation import evaluate_retrieval
+from modeling_mpsm.processing_mpsm import get_dependency_parser
+from modeling_mpsm.training import (
+    EpochSampler,
+    LoopSettings,
+    NonFiniteLossError,
+    TrainingLog,
+    TrainingState,
+    create_optimizer,
+    list_checkpoints,
+    remove_unfinished_checkpoints,
+    resolve_checkpoint,
+    save_pretrained_atomic,
+    state_hash,
+    step_decay_schedule,
+    train_loop,
+)
+from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary
+
+
+logger = get_logger(__name__)
+MODEL_FIELDS = set(inspect.signature(MPSMConfig.__init__).parameters) - {"self", "kwargs"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train MPSM for image-text retrieval.")
+    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder or Arrow DatasetDict (train and dev).")
+    parser.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
+    parser.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
+    parser.add_argument("--member", choices=["dis", "dir"], help="Member to train from an ensemble's --config.")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values).")
+    parser.add_argument("--similarity", choices=["distance", "direction", "joint"],
+                        help="Similarity perspective (MPSMConfig.similarity); `joint` trains both heads.")
+    parser.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
+    parser.add_argument("--vocab_min_count", type=int, default=4, help="Minimum count of a word built into the vocab.")
+    parser.add_argument("--parser", default="spacy:en_core_web_sm",
+                        help="Dependency parser: 'spacy:<pipeline>' or 'fallback' (neighbouring words).")
+    parser.add_argument("--num_epochs", type=int, default=30)
+    parser.add_argument("--max_train_steps", type=int, help="Total updates; overrides --num_epochs.")
+    parser.add_argument("--batch_size", type=int, default=128, help="Captions (with their images) per process.")
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--lr_decay_epochs", type=int, nargs="*", default=[15],
+                        help="Epochs at whose start the learning rate is multiplied by --lr_decay_factor.")
+    parser.add_argument("--lr_decay_factor", type=float, default=0.1)
+    parser.add_argument("--grad_clip", type=float, default=2.0, help="Max gradient norm.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="Default: the accelerate config's.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup_steps", type=int,
+                        help="Updates trained with the sum-of-violations loss before hardest negatives.")
+    parser.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
+                        help="Warm-up length in epochs when --warmup_steps is not given.")
+    parser.add_argument("--checkpointing_steps", default=None,
+                        help="Save the training state every N updates, or 'epoch'; always at the end.")
+    parser.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--eval_steps", type=int, help="Also validate every N updates (always after each epoch).")
+    parser.add_argument("--eval_batch_size", type=int, default=128)
+    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--max_nonfinite_steps", type=int, default=10,
+                        help="Stop after this many consecutive batches with a non-finite loss or gradient.")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument("--with_tracking", action="store_true", help="Log to experiment trackers.")
+    parser.add_argument("--report_to", default="all", help="Trackers: tensorboard, wandb, ... or all.")
+    parser.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is available.")
+    # Testing aids, not shown in --help.
+    parser.add_argument("--debug_inject_nan_at_step", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--debug_state_hash_file", help=argparse.SUPPRESS)
+
+    args = parser.parse_args(argv)
+    model_fields = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as file:
+            config = json.load(file)
+        if "members" in config:
+            if args.member is None:
+                parser.error(f"{args.config} describes an ensemble: choose the member to train with --member dis|dir.")
+            config = config["members"][args.member]
+        training = config.get("training", {})
+        unknown = sorted(set(training) - set(vars(args)))
+        if unknown:
+            parser.error(f"{args.config}: unknown training settings {unknown}.")
+        if isinstance(training.get("lr_decay_epochs"), int):
+            training["lr_decay_epochs"] = [training["lr_decay_epochs"]]
+        parser.set_defaults(**training)  # the command line still wins
+        args = parser.parse_args(argv)
+        model_fields = dict(config.get("model", {}))
+    if args.similarity:
+        model_fields["similarity"] = args.similarity
+    for item in args.set:
+        key, separator, value = item.partition("=")
+        if not separator or key not in MODEL_FIELDS:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY an MPSMConfig field ({sorted(MODEL_FIELDS)}).")
+        try:
+            model_fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            model_fields[key] = value
+    args.model_fields = model_fields
+    if args.checkpointing_steps not in (None, "epoch"):
+        if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) < 1:
+            parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
+        args.checkpointing_steps = int(args.checkpointing_steps)
+    return args
+
+
+def build_processor(args, train, dev, img_dim, num_regions):
+    """Tokenizer over the imported SCAN vocabulary or one built from the train and dev captions, in a processor."""
+    if args.vocab:
+        word2idx = load_scan_vocabulary(args.vocab)
+    else:
+        captions = [caption for split in (train, dev) for captions in split["captions"] for caption in captions]
+        word2idx = build_vocabulary(captions, min_count=args.vocab_min_count)
+    return MPSMProcessor(
+        build_tokenizer(word2idx), num_regions=num_regions, dependency_parser=args.parser, region_feature_dim=img_dim
+    )
+
+
+def run(args, accelerator):
+    """Everything after the Accelerator exists: data, model, training. Returns the final `TrainingState`."""
+    output_dir = args.output_dir
+    if not args.resume_from_checkpoint and list_checkpoints(output_dir):
+        raise FileExistsError(
+            f"{output_dir} holds checkpoints of an earlier run: resume it with --resume_from_checkpoint latest, "
+            "or choose another --output_dir."
+        )
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        remove_unfinished_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+
+    with accelerator.main_process_first():  # the main process converts and caches the data first
+        parser = get_dependency_parser(args.parser)
+        train = load_split(args.data_dir, "train", parser=parser)
+        dev = load_split(args.data_dir, "dev", parser=parser)
+    num_regions, img_dim = train.features["region_features"].shape
+    processor = build_processor(args, train, dev, img_dim, num_regions)
+
+    overridden = {"img_dim": img_dim, "num_regions": num_regions, "vocab_size": len(processor.tokenizer)}
+    for key, value in overridden.items():
+        if key in args.model_fields and args.model_fields[key] != value:
+            logger.warning(f"{key}={args.model_fields[key]} from the configuration replaced by {value} (the data's).")
+    config = MPSMConfig(**{**args.model_fields, **overridden})
+    set_seed(args.seed)
+    model = MPSMModel(config)
+    logger.info(f"MPSM ({config.similarity}): {sum(p.numel() for p in model.parameters()):,} parameters", main_process_only=True)
+
+    dataset = CaptionPairDataset(train)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=EpochSampler(len(dataset), args.seed),
+        collate_fn=MPSMCollator(processor),
+        num_workers=args.num_workers,
+        drop_last=True,  # hardest negatives need full batches
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn without touching the global RNG
+    )
+    optimizer = create_optimizer(model, args.learning_rate)
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if updates_per_epoch == 0:
+        raise ValueError(f"The training split has fewer captions per process than --batch_size {args.batch_size}.")
+    scheduler = step_decay_schedule(optimizer, updates_per_epoch, args.lr_decay_epochs, args.lr_decay_factor)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    log = TrainingLog(output_dir, enabled=accelerator.is_main_process)
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(checkpoint)
+        logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
+    log.restart_at(state.global_step)
+    if args.with_tracking:
+        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as file:
+            training = {k: v for k, v in vars(args).items() if k != "model_fields" and not k.startswith("debug")}
+            json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
+
+    warmup_steps = args.warmup_steps
+    if warmup_steps is None:
+        warmup_steps = round(args.sum_violation_warmup_epochs * updates_per_epoch)
+    settings = LoopSettings(
+        output_dir=output_dir,
+        num_epochs=args.num_epochs,
+        max_train_steps=args.max_train_steps,
+        grad_clip=args.grad_clip,
+        warmup_steps=warmup_steps,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
+        max_nonfinite_steps=args.max_nonfinite_steps,
+        inject_nan_steps=tuple(args.debug_inject_nan_at_step),
+    )
+    unwrapped = accelerator.unwrap_model(model)
+
+    def validate():
+        return evaluate_retrieval(
+            unwrapped, dev, processor, batch_size=args.eval_batch_size, accelerator=accelerator, progress=False
+        )
+
+    def save_best(results):
+        if accelerator.is_main_process:
+            save_pretrained_atomic(unwrapped, processor, output_dir, results)
+            logger.info(f"New best rsum {results['rsum']:.2f} at step {results['step']}: saved to {output_dir}")
+        accelerator.wait_for_everyone()
+
+    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log)
+    logger.info(
+        f"Done: {state.global_step} updates, best rsum {state.best_rsum:.2f} at step {state.best_step}, "
+        f"{state.nonfinite_steps} non-finite batches skipped.",
+        main_process_only=True,
+    )
+    if args.debug_state_hash_file:
+        path = args.debug_state_hash_file.format(rank=accelerator.process_index)
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(state_hash(unwrapped) + "\n")
+    return state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        cpu=args.cpu,
+    )
+    try:
+        run(args, accelerator)
+        status = 0
+    except NonFiniteLossError as error:
+        logger.error(str(error), main_process_only=True)
+        status = 1
+    if args.with_tracking:
+        accelerator.end_training()
+    # A clean exit in distributed runs: every process reaches this barrier, then tears the process group down
+    # itself instead of leaving it to interpreter shutdown (see docs/training.md).
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `recall_at_k` metric module (see README.md)."""

@@ -1,0 +1,456 @@
+"""Training of MPSM with 🤗 Accelerate: optimizer, step-decay schedule, hardest-negative warm-up, atomic and exactly
+resumable checkpoints, atomic best-model saving, the training log and its plot, and the training loop.
+
+`examples/train_mpsm.py` assembles these pieces; see `docs/training.md`.
+
+Exact resumption rests on four things, all in the checkpoint written by `save_checkpoint`:
+model, optimizer and schedule (`accelerator.save_state`), the RNG states of every process (dropout), and a
+`TrainingState` holding the step and the position in the epoch. The data order of an epoch is a permutation seeded by
+`(seed, epoch)` (`EpochSampler`), so a resumed run replays the same epoch and skips the batches already seen with
+`accelerator.skip_first_batches`.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+LOG_FILE = "training_log.jsonl"
+PLOT_FILE = "training_curves.png"
+BEST_RESULTS_FILE = "eval_results.json"
+_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many consecutive training steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Progress of a run, saved in every checkpoint (registered with `accelerator.register_for_checkpointing`).
+
+    Attributes:
+        global_step: optimizer updates done (skipped non-finite updates included).
+        epoch: current epoch (0-based).
+        batches_in_epoch: batches of the current epoch already consumed, on each process (the sampler position).
+        best_rsum / best_step: best validation rsum so far and the step it was reached at.
+        nonfinite_steps / nonfinite_in_row: batches skipped for a non-finite loss or gradient, in total and in a row.
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_rsum: float = -math.inf
+    best_step: int = -1
+    nonfinite_steps: int = 0
+    nonfinite_in_row: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random permutation of `range(num_items)` drawn from its own generator seeded by `(seed, epoch)`.
+
+    The order of an epoch depends on nothing else (not on the global RNG, not on how many batches were drawn before),
+    which is what lets a resumed run replay it. `accelerator.prepare` shards it over processes and its data loader
+    calls `set_epoch`.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def create_optimizer(model: torch.nn.Module, learning_rate: float = 2e-4) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (the paper's optimizer; SGRAF's learning rate 2e-4)."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+
+
+def step_decay_schedule(
+    optimizer: torch.optim.Optimizer, updates_per_epoch: int, decay_epochs: list[int], factor: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate × `factor` at the start of each epoch in `decay_epochs` (SCAN/SGRAF's schedule).
+
+    Stepped once per optimizer update: update `u` belongs to epoch `u // updates_per_epoch`.
+    """
+    boundaries = sorted(epoch * updates_per_epoch for epoch in decay_epochs)
+
+    def multiplier(update: int) -> float:
+        return factor ** sum(update >= boundary for boundary in boundaries)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def use_max_violation(step: int, warmup_steps: int, max_violation: bool = True) -> bool:
+    """Loss mode of update `step` (0-based): sum of violations during the first `warmup_steps` updates, then the
+    model's `max_violation` setting (hardest negatives). Hardest negatives from the first step can stall training at a
+    loss of 2 × batch × margin, where every score collapses to the same value."""
+    return max_violation and step >= warmup_steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and the best model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: str, text: str):
+    """Writes `text` to `path` through a temporary file in the same directory and `os.replace`."""
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".tmp-", delete=False) as file:
+        file.write(text)
+    os.chmod(file.name, 0o644)
+    os.replace(file.name, path)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoint folders of a run, oldest step first."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted(int(m.group(1)) for m in map(_CHECKPOINT_RE.match, os.listdir(root)) if m)
+    return [os.path.join(root, f"step_{step}") for step in steps]
+
+
+def resolve_checkpoint(output_dir: str, checkpoint: str) -> str:
+    """Folder of `checkpoint`: a path, or `"latest"` for the one named by `<output_dir>/checkpoints/latest`."""
+    if checkpoint != "latest":
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"Checkpoint {checkpoint} does not exist.")
+        return checkpoint
+    pointer = os.path.join(output_dir, CHECKPOINTS_DIR, LATEST_FILE)
+    if not os.path.isfile(pointer):
+        raise FileNotFoundError(f"No checkpoint to resume from: {pointer} does not exist.")
+    with open(pointer, encoding="utf-8") as file:
+        path = os.path.join(output_dir, CHECKPOINTS_DIR, file.read().strip())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{pointer} names {path}, which does not exist.")
+    return path
+
+
+def remove_unfinished_checkpoints(output_dir: str):
+    """Deletes the temporary folders of checkpoints interrupted while being written (main process only)."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """
+    Saves the full training state (`accelerator.save_state`: model, optimizer, registered objects, RNG of every
+    process) to `<output_dir>/checkpoints/step_<step>`, atomically: it is written to a temporary folder renamed into
+    place once complete, then the `latest` pointer is rewritten atomically. A killed run leaves either the previous
+    checkpoint or the new one, never a partial one. Keeps the newest `total_limit` checkpoints if set.
+
+    Must be called by every process. `output_dir` must be on a file system shared by all processes.
+    """
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    final = os.path.join(root, f"step_{step}")
+    temporary = os.path.join(root, f".tmp-step_{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # only when a step is saved twice (same state)
+        os.rename(temporary, final)
+        _write_atomic(os.path.join(root, LATEST_FILE), f"step_{step}\n")
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_pretrained_atomic(model, processor, output_dir: str, results: dict | None = None):
+    """
+    `save_pretrained` of `model` and `processor` into `output_dir` itself, beside other files of the run.
+
+    Everything is first written to a temporary folder inside `output_dir`, then each file is moved into place with
+    `os.replace` (atomic per file), the weights last: at any time `output_dir` holds complete files of the old or the
+    new best model. `results` (e.g. the validation metrics) goes to `eval_results.json`. Main process only.
+    """
+    temporary = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-best-")
+    try:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        if results is not None:
+            with open(os.path.join(temporary, BEST_RESULTS_FILE), "w", encoding="utf-8") as file:
+                json.dump(results, file, indent=2)
+        for name in sorted(os.listdir(temporary), key=lambda name: name.endswith(".safetensors")):
+            os.replace(os.path.join(temporary, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def sync_buffers(accelerator, model: torch.nn.Module):
+    """Copies the buffers (batch-norm running statistics) of process 0 to the others.
+
+    DDP broadcasts them at the start of each forward, but the last forward before validation or saving updates each
+    process's copy with its own batch, so they differ slightly until then.
+    """
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and values), to compare weights across processes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training log
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TrainingLog:
+    """JSON-lines record of training (`{"step", "loss", ...}`) and validation (`{"step", "rsum", ...}`) events in
+    `<output_dir>/training_log.jsonl`, plotted to `<output_dir>/training_curves.png`. Writes on the main process only.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.path = os.path.join(output_dir, LOG_FILE)
+        self.plot_path = os.path.join(output_dir, PLOT_FILE)
+        self.enabled = enabled
+
+    def records(self) -> list[dict]:
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as file:
+            return [json.loads(line) for line in file if line.strip()]
+
+    def restart_at(self, step: int):
+        """Drops the records after `step` (written by an interrupted run after its last checkpoint)."""
+        if self.enabled:
+            kept = [record for record in self.records() if record["step"] <= step]
+            _write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+
+    def write(self, record: dict):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def plot(self):
+        """Training loss and validation rsum against the step, as a PNG (written atomically)."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        losses = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        rsums = [(r["step"], r["rsum"]) for r in records if "rsum" in r]
+        figure, (loss_axis, rsum_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+        if losses:
+            loss_axis.plot(*zip(*losses))
+        loss_axis.set(xlabel="step", ylabel="training loss", title="loss")
+        if rsums:
+            rsum_axis.plot(*zip(*rsums), marker="o")
+        rsum_axis.set(xlabel="step", ylabel="rsum", title="validation rsum")
+        figure.tight_layout()
+        temporary = os.path.join(os.path.dirname(self.plot_path), ".tmp-" + PLOT_FILE)
+        figure.savefig(temporary, format="png", dpi=100)
+        plt.close(figure)
+        os.replace(temporary, self.plot_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    """Settings of `train_loop` (see `examples/train_mpsm.py` for their command-line flags)."""
+
+    output_dir: str
+    num_epochs: int = 30
+    max_train_steps: int | None = None
+    grad_clip: float = 2.0
+    warmup_steps: int = 0
+    checkpointing_steps: int | str | None = None  # every N updates, "epoch", or only at the end
+    checkpoints_total_limit: int | None = None
+    eval_steps: int | None = None
+    logging_steps: int = 10
+    max_nonfinite_steps: int = 10
+    inject_nan_steps: tuple[int, ...] = ()  # testing: updates whose loss is replaced by NaN
+
+
+def _all_finite(accelerator, value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every process (one decision for all, so that they skip the same steps)."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
+def train_loop(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    dataloader,
+    state: TrainingState,
+    settings: LoopSettings,
+    validate: Callable[[], dict],
+    save_best: Callable[[dict], None],
+    log: TrainingLog,
+) -> TrainingState:
+    """
+    Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
+
+    Each batch: forward with the loss mode of `use_max_violation`, skip the batch if its loss is not finite on any
+    process (or, at an update, if the gradient norm is not finite), backward, clip the gradient norm, update, step the
+    schedule. Every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same on
+    every process) and, on a new best rsum, `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates (or
+    each epoch) and at the end. Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row,
+    leaving the last checkpoint as it was.
+
+    Args:
+        model, optimizer, dataloader: prepared by `accelerator` (the dataloader's sampler an `EpochSampler`); the
+            scheduler is not prepared (it steps once per update) but registered for checkpointing, like `state`.
+        validate: returns the validation metrics of the current model (called on every process).
+        save_best: saves the current model as the best (called on every process).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    accumulation = accelerator.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(dataloader) / accumulation)
+    max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    progress = tqdm(total=max_steps, initial=state.global_step, desc="training",
+                    disable=not accelerator.is_local_main_process)
+    window = []  # finite losses since the last log record
+    last_validation = last_checkpoint = None
+
+    def run_validation():
+        nonlocal last_validation
+        sync_buffers(accelerator, model)
+        metrics = validate()
+        last_validation = state.global_step
+        improved = metrics["rsum"] > state.best_rsum
+        if improved:
+            state.best_rsum, state.best_step = metrics["rsum"], state.global_step
+        log.write({"step": state.global_step, "epoch": state.epoch, **metrics, "best_rsum": state.best_rsum})
+        log.plot()
+        accelerator.log({f"dev/{key}": value for key, value in metrics.items()}, step=state.global_step)
+        if improved:
+            save_best({"step": state.global_step, **metrics})
+
+    def checkpoint():
+        nonlocal last_checkpoint
+        sync_buffers(accelerator, model)
+        save_checkpoint(accelerator, settings.output_dir, state.global_step, settings.checkpoints_total_limit)
+        last_checkpoint = state.global_step
+
+    model.train()
+    while state.global_step < max_steps and state.epoch < num_epochs:
+        dataloader.set_epoch(state.epoch)
+        skipped = state.batches_in_epoch
+        batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
+        for batch in batches:
+            state.batches_in_epoch += 1
+            image_ids = batch.pop("image_index")
+            max_violation = use_max_violation(state.global_step, settings.warmup_steps, unwrapped.config.max_violation)
+            with accelerator.accumulate(model):
+                loss = model(**batch, image_ids=image_ids, return_loss=True, max_violation=max_violation).loss
+                if state.global_step in settings.inject_nan_steps:
+                    loss = loss * float("nan")
+                finite = _all_finite(accelerator, loss)
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                        finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                optimizer.zero_grad()
+            if finite:
+                state.nonfinite_in_row = 0
+                window.append(loss.item())
+            else:
+                state.nonfinite_steps += 1
+                state.nonfinite_in_row += 1
+                warnings.warn(
+                    f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
+                    f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total)."
+                )
+                if state.nonfinite_in_row >= settings.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
+                        f"{state.global_step}); training stopped. The last checkpoint in "
+                        f"{os.path.join(settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
+                        f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
+                    )
+            if not accelerator.sync_gradients:
+                continue
+
+            state.global_step += 1
+            scheduler.step()
+            progress.update(1)
+            if state.global_step % settings.logging_steps == 0 or state.global_step == max_steps:
+                mean_loss = torch.tensor(sum(window) / len(window) if window else math.nan, device=loss.device)
+                mean_loss = accelerator.reduce(mean_loss, "mean").item()
+                record = {
+                    "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
+                    "lr": scheduler.get_last_lr()[0], "max_violation": max_violation,
+                    "nonfinite_steps": state.nonfinite_steps,
+                }
+                log.write(record)
+                accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=state.global_step)
+                progress.set_postfix(loss=f"{mean_loss:.4g}")
+                window = []
+            if settings.eval_steps and state.global_step % settings.eval_steps == 0:
+                run_validation()
+            if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
+                checkpoint()
+            if state.global_step >= max_steps:
+                break
+        else:  # the epoch ran to its end
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if last_validation != state.global_step:
+                run_validation()
+            if settings.checkpointing_steps == "epoch":
+                checkpoint()
+
+    if last_validation != state.global_step:
+        run_validation()
+    if last_checkpoint != state.global_step:
+        checkpoint()
+    progress.close()
+    return state
