@@ -427,11 +427,14 @@ class MPSMSimilarityRepresentation(nn.Module):
         self.proj = nn.Linear(config.embed_size, config.sim_dim)
 
     def forward(self, x, y):
+        """x, y: broadcastable [..., d] (e.g. attended regions [I, T, L, d] and words [T, L, d], never expanded)."""
         if self.perspective == "distance":
-            features = (x - y) ** 2
-        else:
-            features = l2norm(x) * l2norm(y)
-        return l2norm(self.proj(features))
+            difference = x - y
+            features = difference.square_() if not difference.requires_grad else difference.square()
+            return l2norm(self.proj(features))
+        # W_c (x/‖x‖ ⊙ y/‖y‖) + b = (W_c (x ⊙ y)) / (‖x‖‖y‖) + b: one pass over the d-wide inputs instead of three
+        scale = (x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * y.norm(dim=-1, keepdim=True).clamp_min(1e-8)).reciprocal()
+        return l2norm(torch.addcmul(self.proj.bias, F.linear(x * y, self.proj.weight), scale))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,6 +449,9 @@ class MaskedBatchNorm(nn.BatchNorm1d):
         super().__init__(1)
 
     def forward(self, values, mask):
+        if not self.training and self.track_running_stats:  # eval: an affine map, no gather of the real nodes
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            return torch.addcmul(self.bias - self.running_mean * scale, values, scale) * mask
         normalised = super().forward(values[mask].unsqueeze(1)).squeeze(1)
         return values.new_zeros(values.shape).masked_scatter(mask, normalised.to(values.dtype))
 
@@ -481,12 +487,20 @@ class MPSMSRGRStep(nn.Module):
         backward_edges = torch.sigmoid(in_scores.unsqueeze(2) + out_scores.unsqueeze(1)) * valid
         return forward_edges / forward_edges.sum(-1, keepdim=True), backward_edges / backward_edges.sum(-1, keepdim=True)
 
-    def forward(self, nodes, mask):
-        """nodes [P, K, m], mask [P, K] -> [P, K, m]."""
+    def forward(self, nodes, mask, first_only=False):
+        """
+        nodes [P, K, m], mask [P, K] -> [P, K, m]; with `first_only`, only the first (global) node is reconstructed,
+        [P, 1, m] (the last round, whose other nodes the score does not read).
+        """
         forward_edges, backward_edges = self.edges(nodes, mask)
-        forward_nodes = forward_edges @ self.out_message(nodes)  # eq 17
-        backward_nodes = backward_edges @ self.in_message(nodes)
-        gate = torch.sigmoid(self.gate(torch.cat([forward_nodes, backward_nodes], dim=-1)))  # eq 18
+        if first_only:
+            forward_edges, backward_edges = forward_edges[:, :1], backward_edges[:, :1]
+        forward_nodes = self.out_message(forward_edges @ nodes)  # eq 17, E (S Uᵀ) = (E S) Uᵀ
+        backward_nodes = self.in_message(backward_edges @ nodes)
+        size = forward_nodes.shape[-1]  # eq 18, W̃ [s→ ; s←] without concatenating
+        gate = F.linear(forward_nodes, self.gate.weight[:, :size], self.gate.bias)
+        gate = gate + F.linear(backward_nodes, self.gate.weight[:, size:])
+        gate = gate.sigmoid_()
         forward_nodes = self.out_refine(gate * forward_nodes) + forward_nodes  # eq 19
         backward_nodes = self.in_refine(gate * backward_nodes) + backward_nodes
         return self.merge(forward_nodes + backward_nodes)  # eq 20
@@ -517,23 +531,28 @@ class MPSMSimilarityHead(nn.Module):
     def forward(self, local_pairs, local_mask, local_weights, global_pair):
         """
         Args:
-            local_pairs: (attended [P, k, d], target [P, k, d]) local node inputs, or None for "global" alignment.
+            local_pairs: (attended, target) local node inputs, broadcastable to [..., k, d] with P pairs in the
+                leading axes (e.g. [I, T, k, d] and [T, k, d]), or None for "global" alignment.
             local_mask [P, k]: real local nodes. local_weights [P, k]: node weights (ones unless seed 002).
-            global_pair: (v̄ [P, d], t̄ [P, d]).
+            global_pair: (v̄, t̄), broadcastable to [..., d] with P pairs in the leading axes.
         Returns:
             `torch.FloatTensor` [P]: scores in (0, 1).
         """
         nodes, masks = [], []
         if self.global_similarity is not None:
-            nodes.append(self.global_similarity(*global_pair).unsqueeze(1))
-            masks.append(torch.ones_like(global_pair[0][:, :1], dtype=torch.bool))
+            global_nodes = self.global_similarity(*global_pair)
+            nodes.append(global_nodes.reshape(-1, 1, global_nodes.shape[-1]))
+            masks.append(torch.ones_like(nodes[0][:, :, 0], dtype=torch.bool))
         if self.local_similarity is not None:
-            nodes.append(self.local_similarity(*local_pairs) * local_weights.unsqueeze(-1))
+            local_nodes = self.local_similarity(*local_pairs)
+            local_nodes = local_nodes.reshape(-1, *local_nodes.shape[-2:]) * local_weights.unsqueeze(-1)
+            nodes.append(local_nodes)
             masks.append(local_mask)
-        nodes, mask = torch.cat(nodes, 1), torch.cat(masks, 1)
-        for step in self.srgr:
-            nodes = step(nodes, mask)
-        if self.use_srgr and self.global_similarity is not None:
+        nodes, mask = torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0], torch.cat(masks, 1)
+        read_global = self.use_srgr and self.global_similarity is not None
+        for index, step in enumerate(self.srgr):
+            nodes = step(nodes, mask, first_only=read_global and index == len(self.srgr) - 1)
+        if read_global:
             readout = nodes[:, 0]
         else:
             readout = masked_mean(nodes, mask)
@@ -743,24 +762,20 @@ class MPSMModel(MPSMPreTrainedModel):
         pairs = num_images * num_texts
         if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T, n, d]
             regions = l2norm(regions.unsqueeze(1) * text.guidance[None, :, None, :]) * region_mask[:, None, :, None]
-        global_pair = (
-            image.image_embeds.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, -1),
-            text.text_embeds.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, -1),
-        )
+        global_pair = (image.image_embeds.unsqueeze(1), text.text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
         scores = {}
         for stream in self.config.stream_names:
             if self.config.alignment == "global":
                 local_pairs = local_mask = local_weights = None
             elif stream == "t2i":  # words attend to regions (the paper)
                 attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
-                target = words.unsqueeze(0).expand(num_images, -1, -1, -1)
-                local_pairs = (attended.reshape(pairs, num_words, -1), target.reshape(pairs, num_words, -1))
+                local_pairs = (attended, words)  # [I, T, L, d], [T, L, d]
                 local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
                 local_weights = word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
             else:  # seed 004: regions attend to words
                 attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
-                target = regions if regions.dim() == 4 else regions.unsqueeze(1).expand(-1, num_texts, -1, -1)
-                local_pairs = (attended.reshape(pairs, num_regions, -1), target.reshape(pairs, num_regions, -1))
+                target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
+                local_pairs = (attended, target)
                 local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
                 local_weights = local_mask.to(attended.dtype)
             for perspective in self.config.perspectives:
