@@ -1,0 +1,199 @@
+"""Exhaustive scoring of every image against every caption with MPSM.
+
+The per-item part of the model (`encode_image`, `encode_text`) runs once per item and its outputs are cached
+(`encode_images`, `encode_texts`). The per-pair part (`model.similarity`) then runs over blocks of images x captions:
+captions are sorted by length so that each block holds captions of similar length (little padding), the block size
+follows a memory bound in bytes, and the scores are scattered back to the original caption order. With an
+`accelerate.Accelerator`, every process scores its own rows (images) and the matrix is gathered.
+
+Caches are [`MPSMImageOutput`] / [`MPSMTextOutput`] (or, for [`MPSMEnsembleModel`], dicts of them keyed by member)
+holding all items, padded to a common number of regions / words.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.utils import ModelOutput
+
+from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
+
+
+def is_cache(value):
+    """Whether `value` is already a cache (an output, or an ensemble's dict of outputs) rather than input batches."""
+    return isinstance(value, (MPSMImageOutput, MPSMTextOutput)) or (
+        isinstance(value, dict) and all(isinstance(v, (MPSMImageOutput, MPSMTextOutput)) for v in value.values())
+    )
+
+
+# Fields whose axis 1 runs over regions or words (padded when caches are concatenated).
+PADDED_FIELDS = {"region_embeds", "region_mask", "region_attention", "word_embeds", "attention_mask", "word_weights"}
+DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20
+
+
+def _map_outputs(function, cache):
+    """Applies `function` to a cache, or to each member's cache of an ensemble (dict)."""
+    if not isinstance(cache, ModelOutput):
+        return {name: function(member) for name, member in cache.items()}
+    return function(cache)
+
+
+def _first_member(cache):
+    return cache if isinstance(cache, ModelOutput) else next(iter(cache.values()))
+
+
+def concatenate_outputs(outputs):
+    """
+    Concatenates per-batch outputs along the item axis, zero-padding (False for masks) regions / words to the longest.
+
+    Args:
+        outputs: list of [`MPSMImageOutput`] or [`MPSMTextOutput`] (or of ensemble dicts of them).
+    Returns:
+        One output of the same kind holding every item.
+    """
+    if not isinstance(outputs[0], ModelOutput):
+        return {name: concatenate_outputs([output[name] for output in outputs]) for name in outputs[0]}
+    fields = {}
+    for name in outputs[0].keys():
+        values = [output[name] for output in outputs]
+        if name in PADDED_FIELDS:
+            length = max(value.shape[1] for value in values)
+            values = [F.pad(value, (0, 0) * (value.dim() - 2) + (0, length - value.shape[1])) for value in values]
+        fields[name] = torch.cat(values)
+    return type(outputs[0])(**fields)
+
+
+def select_items(cache, index):
+    """The items `index` (slice, or long tensor of positions) of a cache, as a cache of the same kind."""
+    return _map_outputs(lambda output: type(output)(**{name: value[index] for name, value in output.items()}), cache)
+
+
+def num_items(cache):
+    """Number of images or captions held by a cache."""
+    output = _first_member(cache)
+    return len(output.region_mask if isinstance(output, MPSMImageOutput) else output.attention_mask)
+
+
+@torch.no_grad()
+def _encode(encode, batches, progress, description):
+    outputs = [encode(**batch) for batch in tqdm(batches, desc=description, disable=not progress)]
+    if not outputs:
+        raise ValueError("no batches to encode")
+    return concatenate_outputs(outputs)
+
+
+def encode_images(model, batches, progress=True):
+    """
+    Per-image part of the model over batches of image inputs (dicts with `region_features` [b, n, f] and optionally
+    `boxes`, `region_mask`, `image_sizes`; other keys are ignored), concatenated into one cache [I, n, ...].
+    """
+    return _encode(model.encode_image, batches, progress, "encoding images")
+
+
+def encode_texts(model, batches, progress=True):
+    """
+    Per-caption part of the model over batches of text inputs (dicts with `input_ids` [b, L] and optionally
+    `attention_mask`, `dependency_adjacency`; other keys are ignored), concatenated into one cache [T, L, ...].
+    """
+    return _encode(model.encode_text, batches, progress, "encoding captions")
+
+
+def pair_bytes(model, num_regions, num_words):
+    """
+    Rough peak bytes of the per-pair part for one pair in fp32: the d-wide per-word tensors (attended regions, their
+    distance/direction features), the attention maps and the m-wide similarity nodes of SRGR.
+    """
+    configs = [member.config for member in model.children()] if hasattr(model, "dis") else [model.config]
+    config = max(configs, key=lambda c: c.embed_size)
+    nodes = num_words + 1
+    floats = 4 * num_words * config.embed_size + 4 * num_words * num_regions + 12 * nodes * config.sim_dim
+    return 4 * floats
+
+
+def block_shape(num_images, num_texts, pairs_per_block):
+    """Images x captions of a block holding at most `pairs_per_block` pairs (at least one of each), as square as the
+    matrix allows, favouring more captions per block (cheaper cross attention per image)."""
+    block_images = max(1, min(num_images, math.isqrt(max(pairs_per_block, 1)) // 2))
+    block_texts = max(1, min(num_texts, pairs_per_block // block_images))
+    block_images = max(1, min(num_images, pairs_per_block // block_texts))
+    return block_images, block_texts
+
+
+def _autocast(device, dtype):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
+               dtype=None, progress=True):
+    """
+    Scores every image of `images` against every caption of `texts` in one process; see `score_matrix`.
+
+    Returns:
+        `torch.FloatTensor` [I, T] (float32, on the device of the caches).
+    """
+    text_output = _first_member(texts)
+    image_output = _first_member(images)
+    lengths = text_output.attention_mask.sum(1)
+    order = lengths.argsort(descending=True, stable=True)
+    num_images, num_texts = num_items(images), len(order)
+    if max_pairs_per_block is None:
+        per_pair = pair_bytes(model, image_output.region_mask.shape[1], int(lengths.float().mean().ceil()))
+        max_pairs_per_block = max(1, max_block_bytes // per_pair)
+    block_images, block_texts = block_shape(num_images, num_texts, max_pairs_per_block)
+    device = text_output.attention_mask.device
+    scores = torch.empty(num_images, num_texts, dtype=torch.float32, device=device)
+    starts = [(i, t) for t in range(0, num_texts, block_texts) for i in range(0, num_images, block_images)]
+    text_block, text_start = None, None
+    with _autocast(device, dtype):
+        for image_start, start in tqdm(starts, desc="scoring", disable=not progress):
+            columns = order[start : start + block_texts]
+            if start != text_start:  # blocks run image-fastest: one gather of captions per caption group
+                text_block, text_start = select_items(texts, columns), start
+            rows = slice(image_start, image_start + block_images)
+            scores[rows, columns] = model.similarity(select_items(images, rows), text_block).float()
+    return scores
+
+
+def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
+                 dtype=None, progress=True, accelerator=None):
+    """
+    Matching scores of every image against every caption, [N_img, N_txt], float32.
+
+    Args:
+        model ([`MPSMModel`] or [`MPSMEnsembleModel`]): put in eval mode for the duration of the call.
+        images: a cache from `encode_images` ([`MPSMImageOutput`], or a dict of them for an ensemble), or an iterable
+            of image input batches, encoded here.
+        texts: a cache from `encode_texts`, or an iterable of text input batches, encoded here.
+        max_block_bytes (`int`): memory bound of one block of pairs; sets the block size, so that peak memory beyond
+            the cached per-item tensors does not grow with the gallery. The scores do not depend on it.
+        max_pairs_per_block (`int`, *optional*): explicit block size, overriding `max_block_bytes`.
+        dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part under autocast.
+        progress (`bool`): tqdm progress bars, on the main process only.
+        accelerator (`accelerate.Accelerator`, *optional*): shards the rows (images) over its processes and gathers
+            the matrix; every process returns the full matrix.
+    """
+    is_main = accelerator is None or accelerator.is_main_process
+    was_training = model.training
+    model.eval()
+    try:
+        if not is_cache(images):
+            images = encode_images(model, images, progress=progress and is_main)
+        if not is_cache(texts):
+            texts = encode_texts(model, texts, progress=progress and is_main)
+        options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
+                       progress=progress and is_main)
+        if accelerator is None or accelerator.num_processes == 1:
+            return score_rows(model, images, texts, **options)
+        num_images = num_items(images)
+        shard = math.ceil(num_images / accelerator.num_processes)
+        start = min(accelerator.process_index * shard, num_images)
+        rows = score_rows(model, select_items(images, slice(start, start + shard)), texts, **options)
+        rows = F.pad(rows, (0, 0, 0, shard - len(rows)))  # equal shapes for the gather (uneven splits)
+        return accelerator.gather(rows)[:num_images]
+    finally:
+        model.train(was_training)
