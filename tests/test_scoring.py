@@ -1,0 +1,157 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel
+from modeling_mpsm.scoring import (
+    block_shape,
+    encode_images,
+    encode_texts,
+    num_items,
+    pair_bytes,
+    score_matrix,
+    select_items,
+)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16, num_regions=6)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = MPSMModel(MPSMConfig(**{**TINY, **overrides})).eval()
+    for module in model.modules():  # non-trivial running statistics for the SRGR batch norms
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.fill_(0.2)
+            module.running_var.fill_(1.5)
+    return model
+
+
+def tiny_batches(num_images=7, num_texts=11, seed=0):
+    """Image and caption input batches of uneven sizes, region counts and caption lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_images, 6, 32, generator=generator)
+    corners = torch.rand(num_images, 6, 2, generator=generator) * 0.5
+    boxes = torch.cat([corners, corners + 0.4], -1)
+    region_mask = torch.ones(num_images, 6, dtype=torch.bool)
+    region_mask[0, 4:] = False
+    lengths = torch.randint(2, 10, (num_texts,), generator=generator)
+    input_ids = torch.randint(1, 50, (num_texts, 10), generator=generator) * (torch.arange(10) < lengths[:, None])
+    split = num_images // 2
+    images = [
+        {"region_features": features[:split], "boxes": boxes[:split], "region_mask": region_mask[:split]},
+        {"region_features": features[split:, :5], "boxes": boxes[split:, :5], "region_mask": region_mask[split:, :5]},
+    ]
+    texts = [{"input_ids": input_ids[:5]}, {"input_ids": input_ids[5:, : int(lengths[5:].max())]}]
+    return images, texts
+
+
+def pairwise_scores(model, images, texts):
+    """Reference: every pair scored on its own."""
+    with torch.no_grad():
+        return torch.tensor([
+            [model.similarity(select_items(images, [i]), select_items(texts, [j])).item() for j in range(num_items(texts))]
+            for i in range(num_items(images))
+        ])
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: tiny_model(),
+        lambda: tiny_model(1, similarity="joint", streams="both"),
+        lambda: tiny_model(2, word_self_attention=True, text_guided_image_features=True),
+        lambda: MPSMEnsembleModel(MPSMEnsembleConfig(dis_config=TINY, dir_config=TINY)).eval(),
+    ],
+    ids=["dis", "joint-both-streams", "seed002", "ensemble"],
+)
+def test_blocked_scores_equal_pairwise(make_model):
+    model = make_model()
+    image_batches, text_batches = tiny_batches()
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    expected = pairwise_scores(model, images, texts)
+    for pairs in (1, 6, 20, 10_000):
+        scores = score_matrix(model, images, texts, max_pairs_per_block=pairs, progress=False)
+        assert scores.shape == (7, 11) and scores.dtype == torch.float32
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    # raw batches are encoded on the fly, to the same result
+    torch.testing.assert_close(score_matrix(model, image_batches, text_batches, progress=False), expected, atol=1e-5, rtol=0)
+
+
+def test_caches_pad_to_the_longest_batch():
+    model = tiny_model()
+    image_batches, text_batches = tiny_batches()
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    assert images.region_embeds.shape == (7, 6, 32) and not images.region_mask[3:, 5].any()
+    assert texts.word_embeds.shape == (11, 10, 32) and texts.attention_mask.shape == (11, 10)
+
+
+def test_memory_bound_sets_block_size_not_scores():
+    model = tiny_model()
+    image_batches, text_batches = tiny_batches()
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    per_pair = pair_bytes(model, 6, 6)
+    small, large = block_shape(7, 11, (8 * per_pair) // per_pair), block_shape(7, 11, (100 * per_pair) // per_pair)
+    assert small[0] * small[1] <= 8 and small != large
+    first = score_matrix(model, images, texts, max_block_bytes=8 * per_pair, progress=False)
+    second = score_matrix(model, images, texts, max_block_bytes=100 * per_pair, progress=False)
+    torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_agrees_with_fp32_ranking():
+    model = tiny_model(3)
+    image_batches, text_batches = tiny_batches(12, 20, seed=1)
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    fp32 = score_matrix(model, images, texts, progress=False)
+    bf16 = score_matrix(model, images, texts, dtype=torch.bfloat16, progress=False)
+    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 0.05
+    ranks = lambda x: x.argsort(1).argsort(1).float()  # noqa: E731
+    spearman = torch.corrcoef(torch.stack([ranks(fp32.T).flatten(), ranks(bf16.T).flatten()]))[0, 1]
+    assert spearman > 0.9
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from accelerate import Accelerator
+    sys.path.insert(0, {tests!r})
+    from test_scoring import tiny_batches, tiny_model
+    from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model()
+    image_batches, text_batches = tiny_batches()
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    sharded = score_matrix(model, images, texts, max_pairs_per_block=5, accelerator=accelerator)
+    single = score_matrix(model, images, texts, max_pairs_per_block=5, progress=False)
+    assert sharded.shape == (7, 11), sharded.shape
+    assert (sharded - single).abs().max() <= 1e-6
+    if accelerator.is_main_process:
+        torch.save({{"sharded": sharded, "single": single}}, sys.argv[1])
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+def test_two_process_sharding_matches_single_process(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests")))
+    output = tmp_path / "scores.pt"
+    environment = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(output)]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = torch.load(output)
+    torch.testing.assert_close(scores["sharded"], scores["single"], atol=1e-6, rtol=0)
