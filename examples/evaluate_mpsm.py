@@ -1,0 +1,105 @@
+"""Evaluate MPSM on the standard image-text retrieval protocols (SCAN's i2t / t2i Recall@K and rsum).
+
+    python examples/evaluate_mpsm.py --model runs/mpsm-dis --data_dir data/f30k_precomp --protocol f30k
+    python examples/evaluate_mpsm.py --model runs/mpsm-dis --model2 runs/mpsm-dir --data_dir data/coco_precomp \
+        --protocol coco1k --output_json results.json
+    accelerate launch examples/evaluate_mpsm.py ...   # the rows of each score matrix are shared out over processes
+
+Protocols: `f30k` (the 1,000 test images against their 5,000 captions), `coco1k` (mean over the five 1,000-image folds
+of `testall`) and `coco5k` (all of `testall`). `--model2`, or an ensemble checkpoint (`MPSMEnsembleModel`), evaluates
+MPSM*: the mean of the two models' score matrices. Recall is computed by the local `evaluate` module
+`modeling_mpsm/metrics/recall_at_k`.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import evaluate
+import torch
+from accelerate import Accelerator
+from transformers import AutoModel
+
+import modeling_mpsm
+from modeling_mpsm import MPSMProcessor
+from modeling_mpsm.data import load_split
+from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
+from modeling_mpsm.processing_mpsm import get_dependency_parser
+
+
+METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
+    parser.add_argument("--model", required=True, help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel).")
+    parser.add_argument("--model2", help="Second model: evaluates the mean of both score matrices (MPSM*).")
+    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder or Arrow DatasetDict.")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
+    parser.add_argument("--split", help="Default: test for f30k, testall for coco1k/coco5k.")
+    parser.add_argument("--output_json", help="Write the metrics here.")
+    parser.add_argument("--bf16", action="store_true", help="Score pairs under bfloat16 autocast.")
+    parser.add_argument("--batch_size", type=int, default=128, help="Images or captions encoded at a time.")
+    parser.add_argument("--parser", help="Dependency parser for the captions; default: the processor's setting.")
+    parser.add_argument("--cpu", action="store_true", help="Evaluate on CPU even if a GPU is available.")
+    args = parser.parse_args(argv)
+    args.split = args.split or DEFAULT_SPLITS[args.protocol]
+    return args
+
+
+def score_folds(path, args, accelerator):
+    """Score matrices of the protocol's folds for the model at `path`, with its own processor."""
+    model = AutoModel.from_pretrained(path, trust_remote_code=True).to(accelerator.device)
+    processor = MPSMProcessor.from_pretrained(path)
+    parser_name = args.parser or processor.dependency_parser
+    with accelerator.main_process_first():
+        dataset = load_split(args.data_dir, args.split, parser=get_dependency_parser(parser_name))
+    matrices = fold_score_matrices(
+        model, dataset, processor, PROTOCOL_FOLDS[args.protocol], batch_size=args.batch_size,
+        dtype=torch.bfloat16 if args.bf16 else None, accelerator=accelerator,
+    )
+    return matrices, len(dataset)
+
+
+def format_table(metrics: dict) -> str:
+    lines = [f"{'':6}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+    for direction in ("i2t", "t2i"):
+        lines.append(f"{direction:6}" + "".join(f"{metrics[f'{direction}_r{k}']:8.1f}" for k in (1, 5, 10)))
+    lines.append(f"{'rsum':6}{metrics['rsum']:8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu)
+    matrices, num_images = score_folds(args.model, args, accelerator)
+    if args.model2:
+        matrices2, _ = score_folds(args.model2, args, accelerator)
+        matrices = [(first + second) / 2 for first, second in zip(matrices, matrices2)]
+
+    if accelerator.is_main_process:
+        recall_at_k = evaluate.load(METRIC_PATH)
+        metrics = mean_metrics([recall_at_k.compute(similarities=matrix.numpy()) for matrix in matrices])
+        results = {
+            **{key: metrics[key] for key in METRIC_KEYS},
+            "protocol": args.protocol,
+            "split": args.split,
+            "dataset": os.path.basename(os.path.normpath(args.data_dir)),
+            "model": args.model if not args.model2 else [args.model, args.model2],
+        }
+        folds = PROTOCOL_FOLDS[args.protocol]
+        print(f"{args.protocol}: {results['dataset']}/{args.split}, {num_images} images in {folds} fold(s), "
+              f"model {results['model']}")
+        print(format_table(metrics))
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as file:
+                json.dump(results, file, indent=2)
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

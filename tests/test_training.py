@@ -1,0 +1,218 @@
+"""Training: schedule, warm-up, sampler, checkpoints; examples/train_mpsm.py end to end (loss falls, best model loads in a
+fresh process, non-finite steps skipped, exact resumption after SIGKILL)."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_mpsm import synthetic
+from modeling_mpsm.training import (
+    EpochSampler,
+    TrainingState,
+    create_optimizer,
+    resolve_checkpoint,
+    step_decay_schedule,
+    use_max_violation,
+)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(REPO, "examples", "train_mpsm.py")
+TINY_MODEL = ["--set", "embed_size=32", "sim_dim=16", "word_dim=16", "kgid_layers=1", "srgr_steps=1"]
+
+
+def subprocess_env():
+    return {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_mpsm", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan")
+    synthetic.generate(str(path), seed=3, num_train=24, num_dev=6, num_test=6, feature_dim=32, num_regions=8)
+    return str(path)
+
+
+def train_args(scan_dir, output_dir, *extra):
+    return ["--data_dir", scan_dir, "--output_dir", str(output_dir), "--parser", "fallback", *TINY_MODEL,
+            "--batch_size", "10", "--logging_steps", "1", "--learning_rate", "1e-3", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_step_decay_schedule():
+    optimizer = create_optimizer(torch.nn.Linear(2, 2), learning_rate=0.5)
+    scheduler = step_decay_schedule(optimizer, updates_per_epoch=3, decay_epochs=[2, 4])
+    lrs = []
+    for _ in range(14):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:6] == [0.5] * 6
+    assert lrs[6:12] == pytest.approx([0.05] * 6)
+    assert lrs[12:] == pytest.approx([0.005] * 2)
+
+
+def test_use_max_violation_switches_after_warmup():
+    assert [use_max_violation(step, 3) for step in range(5)] == [False, False, False, True, True]
+    assert not use_max_violation(10, 3, max_violation=False)  # the model's setting wins after the warm-up
+    assert use_max_violation(0, 0)
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch():
+    torch.manual_seed(0)
+    first = list(EpochSampler(20, seed=1))
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(EpochSampler(20, seed=1)) == first
+    assert sorted(first) == list(range(20))
+    sampler = EpochSampler(20, seed=1)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_training_state_round_trip():
+    state = TrainingState(global_step=7, epoch=1, batches_in_epoch=3, best_rsum=12.5)
+    restored = TrainingState()
+    restored.load_state_dict(state.state_dict())
+    assert restored == state
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        resolve_checkpoint(str(tmp_path), "latest")
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(str(tmp_path), str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "training_log.jsonl"), encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="module")
+def trained_run(scan_dir, tmp_path_factory):
+    """One in-process run: 16 updates, sum-of-violations for the first 5, validation every 8, checkpoints every 4."""
+    output_dir = tmp_path_factory.mktemp("run")
+    argv = train_args(scan_dir, output_dir, "--max_train_steps", "16", "--warmup_steps", "5", "--eval_steps", "8",
+                      "--checkpointing_steps", "4", "--checkpoints_total_limit", "2")
+    assert load_train_script().main(argv) == 0
+    return str(output_dir)
+
+
+def test_loss_falls(trained_run):
+    losses = [record["loss"] for record in read_log(trained_run) if "loss" in record]
+    assert len(losses) == 16
+    warmup = losses[:5]  # sum of violations: 2 * B * (B - 1) * margin = 36 when all scores are equal
+    assert 25.0 < warmup[0] <= 36.0
+    assert sum(warmup[-2:]) / 2 < warmup[0]
+    assert sum(losses[-4:]) / 4 < sum(losses[5:9]) / 4  # hardest negatives phase
+
+
+def test_warmup_switches_loss_mode_at_the_right_step(trained_run):
+    modes = {record["step"]: record["max_violation"] for record in read_log(trained_run) if "loss" in record}
+    assert [modes[step] for step in range(1, 17)] == [False] * 5 + [True] * 11
+
+
+def test_run_outputs(trained_run):
+    names = set(os.listdir(trained_run))
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "eval_results.json",
+            "training_log.jsonl", "training_curves.png", "training_args.json"} <= names
+    assert not [name for name in names if name.startswith(".tmp")]
+    validations = [record for record in read_log(trained_run) if "rsum" in record]
+    assert [record["step"] for record in validations] == [8, 12, 16]  # every 8 updates and after epoch 1 (12)
+    with open(os.path.join(trained_run, "eval_results.json"), encoding="utf-8") as file:
+        best = json.load(file)
+    assert best["rsum"] == max(record["rsum"] for record in validations)
+    checkpoints = os.path.join(trained_run, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step_12", "step_16"]  # total limit 2
+    assert resolve_checkpoint(trained_run, "latest").endswith("step_16")
+    with open(os.path.join(trained_run, "training_curves.png"), "rb") as file:
+        assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_model_loads_in_a_fresh_process(trained_run):
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModel\n"
+        "from modeling_mpsm import MPSMProcessor\n"
+        "model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "processor = MPSMProcessor.from_pretrained(sys.argv[1])\n"
+        "batch = processor(text=['a red car', 'two dogs'], region_features=torch.rand(2, 8, 32))\n"
+        "print(type(model).__name__, tuple(model(**batch).logits_per_image.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, trained_run], capture_output=True, text=True,
+                            env=subprocess_env(), cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("MPSMModel (2, 2)")
+
+
+def test_nonfinite_loss_is_skipped_and_counted(scan_dir, tmp_path):
+    argv = train_args(scan_dir, tmp_path, "--max_train_steps", "5", "--debug_inject_nan_at_step", "1", "2")
+    with pytest.warns(UserWarning, match="Non-finite loss"):
+        assert load_train_script().main(argv) == 0
+    log = read_log(str(tmp_path))
+    assert [r["nonfinite_steps"] for r in log if "loss" in r] == [0, 1, 2, 2, 2]
+    assert [r["loss"] is None for r in log if "loss" in r] == [False, True, True, False, False]
+    weights = load_file(os.path.join(tmp_path, "checkpoints", "step_5", "model.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(scan_dir, tmp_path):
+    argv = train_args(scan_dir, tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
+                      "--max_nonfinite_steps", "3", "--debug_inject_nan_at_step", *map(str, range(3, 8)))
+    with pytest.warns(UserWarning, match="Non-finite loss"):
+        assert load_train_script().main(argv) == 1
+    # Updates 4-6 were skipped (3 in a row): stopped during update 6, before its checkpoint. Step 4's checkpoint holds
+    # the weights of step 3, untouched by the skipped update.
+    checkpoints = os.path.join(tmp_path, "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step_2", "step_4"]
+    assert resolve_checkpoint(str(tmp_path), "latest").endswith("step_4")
+    weights = load_file(os.path.join(checkpoints, "step_4", "model.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_resume_after_sigkill_is_exact(scan_dir, tmp_path):
+    """A run killed (SIGKILL) after its step-6 checkpoint and resumed ends with the weights of an uninterrupted run."""
+    extra = ["--max_train_steps", "16", "--warmup_steps", "3", "--checkpointing_steps", "3", "--eval_steps", "5"]
+    command = [sys.executable, TRAIN_SCRIPT]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run(command + train_args(scan_dir, reference, *extra), check=True, env=subprocess_env(),
+                   capture_output=True, timeout=300)
+
+    process = subprocess.Popen(command + train_args(scan_dir, interrupted, *extra), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoints" / "step_6").is_dir():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-6 checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "checkpoints" / "step_16").exists(), "killed too late to test resumption"
+
+    subprocess.run(command + train_args(scan_dir, interrupted, *extra, "--resume_from_checkpoint", "latest"),
+                   check=True, env=subprocess_env(), capture_output=True, timeout=300)
+    expected = load_file(str(reference / "checkpoints" / "step_16" / "model.safetensors"))
+    resumed = load_file(str(interrupted / "checkpoints" / "step_16" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    steps = [record["step"] for record in read_log(str(interrupted)) if "loss" in record]
+    assert steps == list(range(1, 17))  # records of the killed run after its checkpoint were dropped
