@@ -89,6 +89,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
     parser.add_argument("--eval_steps", type=int, help="Also validate every N updates (always after each epoch).")
     parser.add_argument("--eval_batch_size", type=int, default=128)
+    parser.add_argument("--max_eval_images", type=int,
+                        help="Validate on the first N dev images (and their captions) only; default: all of dev.")
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--max_nonfinite_steps", type=int, default=10,
                         help="Stop after this many consecutive batches with a non-finite loss or gradient.")
@@ -228,6 +230,8 @@ def run(args, accelerator):
         inject_nan_steps=tuple(args.debug_inject_nan_at_step),
     )
     unwrapped = accelerator.unwrap_model(model)
+    if args.max_eval_images:
+        dev = dev.select(range(min(args.max_eval_images, len(dev))))
 
     def validate():
         return evaluate_retrieval(
