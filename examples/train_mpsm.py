@@ -189,8 +189,7 @@ def run(args, accelerator):
         drop_last=True,  # hardest negatives need full batches
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn without touching the global RNG
     )
-    optimizer = create_optimizer(model, args.learning_rate)
-    optimizer.param_groups[0]["weight_decay"] = args.weight_decay
+    optimizer = create_optimizer(model, args.learning_rate, args.weight_decay)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if updates_per_epoch == 0:

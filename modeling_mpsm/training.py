@@ -89,9 +89,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_items
 
 
-def create_optimizer(model: torch.nn.Module, learning_rate: float = 2e-4) -> torch.optim.Optimizer:
+def create_optimizer(
+    model: torch.nn.Module, learning_rate: float = 2e-4, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """Adam over the trainable parameters (the paper's optimizer; SGRAF's learning rate 2e-4)."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
 
 
 def step_decay_schedule(

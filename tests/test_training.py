@@ -102,6 +102,24 @@ def test_resolve_checkpoint_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ the script
 
 
+def test_config_file_set_overrides_and_command_line(tmp_path):
+    config = tmp_path / "training_args.json"
+    config.write_text(json.dumps({
+        "model": {"similarity": "direction", "embed_size": 64, "kgid_layers": 2},
+        "training": {"learning_rate": 1e-3, "lr_decay_epochs": 15, "batch_size": 32, "seed": 4},
+    }))
+    args = load_train_script().parse_args([
+        "--data_dir", "d", "--output_dir", "o", "--config", str(config), "--batch_size", "8",
+        "--set", "kgid_layers=0", "use_srgr=false", "alignment=global", "--checkpointing_steps", "5",
+    ])
+    assert (args.learning_rate, args.lr_decay_epochs, args.batch_size, args.seed) == (1e-3, [15], 8, 4)
+    assert args.model_fields == {"similarity": "direction", "embed_size": 64, "kgid_layers": 0, "use_srgr": False,
+                                 "alignment": "global"}
+    assert args.checkpointing_steps == 5
+    with pytest.raises(SystemExit):
+        load_train_script().parse_args(["--data_dir", "d", "--output_dir", "o", "--set", "not_a_field=1"])
+
+
 def read_log(output_dir):
     with open(os.path.join(output_dir, "training_log.jsonl"), encoding="utf-8") as file:
         return [json.loads(line) for line in file]
