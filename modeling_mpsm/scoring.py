@@ -129,7 +129,7 @@ def _autocast(device, dtype):
 
 @torch.no_grad()
 def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
-               dtype=None, progress=True):
+               dtype=None, compile=False, progress=True):
     """
     Scores every image of `images` against every caption of `texts` in one process; see `score_matrix`.
 
@@ -147,6 +147,7 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     block_images, block_texts = block_shape(num_images, num_texts, max_pairs_per_block)
     device = text_output.attention_mask.device
     scores = torch.empty(num_images, num_texts, dtype=torch.float32, device=device)
+    similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
     starts = [(i, t) for t in range(0, num_texts, block_texts) for i in range(0, num_images, block_images)]
     text_block, text_start = None, None
     with _autocast(device, dtype):
@@ -155,12 +156,12 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
             if start != text_start:  # blocks run image-fastest: one gather of captions per caption group
                 text_block, text_start = select_items(texts, columns), start
             rows = slice(image_start, image_start + block_images)
-            scores[rows, columns] = model.similarity(select_items(images, rows), text_block).float()
+            scores[rows, columns] = similarity(select_items(images, rows), text_block).float()
     return scores
 
 
 def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
-                 dtype=None, progress=True, accelerator=None):
+                 dtype=None, compile=False, progress=True, accelerator=None):
     """
     Matching scores of every image against every caption, [N_img, N_txt], float32.
 
@@ -173,6 +174,8 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
             the cached per-item tensors does not grow with the gallery. The scores do not depend on it.
         max_pairs_per_block (`int`, *optional*): explicit block size, overriding `max_block_bytes`.
         dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part under autocast.
+        compile (`bool`): runs the per-pair part through `torch.compile` (fused elementwise kernels; the first blocks
+            pay the compilation, seconds to a minute, so it pays off on large matrices).
         progress (`bool`): tqdm progress bars, on the main process only.
         accelerator (`accelerate.Accelerator`, *optional*): shards the rows (images) over its processes and gathers
             the matrix; every process returns the full matrix.
@@ -186,7 +189,7 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         if not is_cache(texts):
             texts = encode_texts(model, texts, progress=progress and is_main)
         options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
-                       progress=progress and is_main)
+                       compile=compile, progress=progress and is_main)
         if accelerator is None or accelerator.num_processes == 1:
             return score_rows(model, images, texts, **options)
         num_images = num_items(images)
