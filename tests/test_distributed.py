@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,12 @@ TRAIN_SCRIPT = os.path.join(REPO, "examples", "train_mpsm.py")
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.skipif(not os.path.exists(ACCELERATE) and not shutil.which("accelerate"), reason="needs accelerate's CLI")
 def test_two_processes_end_with_identical_weights_and_exit_cleanly(tmp_path):
     data_dir, output_dir = tmp_path / "scan", tmp_path / "run"
@@ -22,7 +29,7 @@ def test_two_processes_end_with_identical_weights_and_exit_cleanly(tmp_path):
     launcher = ACCELERATE if os.path.exists(ACCELERATE) else shutil.which("accelerate")
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29533",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         TRAIN_SCRIPT, "--cpu", "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--parser", "fallback",
         "--set", "embed_size=32", "sim_dim=16", "word_dim=16", "kgid_layers=1", "srgr_steps=1",
         "--batch_size", "8", "--max_train_steps", "4", "--warmup_steps", "2", "--checkpointing_steps", "2",
