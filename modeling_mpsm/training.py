@@ -115,7 +115,7 @@ def step_decay_schedule(
 def use_max_violation(step: int, warmup_steps: int, max_violation: bool = True) -> bool:
     """Loss mode of update `step` (0-based): sum of violations during the first `warmup_steps` updates, then the
     model's `max_violation` setting (hardest negatives). Hardest negatives from the first step can stall training at a
-    loss of 2 × batch × margin, where every score collapses to the same value."""
+    loss of 2 × batch × margin, where every score collapses to the same value (see docs/training.md)."""
     return max_violation and step >= warmup_steps
 
 
@@ -359,6 +359,7 @@ def train_loop(
     progress = tqdm(total=max_steps, initial=state.global_step, desc="training",
                     disable=not accelerator.is_local_main_process)
     window = []  # finite losses since the last log record
+    warned_collapse = False
     last_validation = last_checkpoint = None
 
     def run_validation():
@@ -391,7 +392,8 @@ def train_loop(
             image_ids = batch.pop("image_index")
             max_violation = use_max_violation(state.global_step, settings.warmup_steps, unwrapped.config.max_violation)
             with accelerator.accumulate(model):
-                loss = model(**batch, image_ids=image_ids, return_loss=True, max_violation=max_violation).loss
+                outputs = model(**batch, image_ids=image_ids, return_loss=True, max_violation=max_violation)
+                loss = outputs.loss
                 if state.global_step in settings.inject_nan_steps:
                     loss = loss * float("nan")
                 finite = _all_finite(accelerator, loss)
@@ -438,6 +440,13 @@ def train_loop(
                 accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=state.global_step)
                 progress.set_postfix(loss=f"{mean_loss:.4g}")
                 window = []
+                if not warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
+                    warned_collapse = True
+                    warnings.warn(
+                        f"Step {state.global_step}: every pair of the batch has the same score, so the triplet loss "
+                        "has no gradient (collapsed, saturated scores). Consider a longer --warmup_steps, a lower "
+                        "learning rate or --set max_violation=false; the best model saved so far is kept."
+                    )
             if settings.eval_steps and state.global_step % settings.eval_steps == 0:
                 run_validation()
             if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
