@@ -25,8 +25,8 @@ from .metrics.recall_at_k.ranking import RECALL_KS, retrieval_ranks, retrieval_r
 from .scoring import encode_images, encode_texts, score_matrix, select_items
 
 
-__all__ = ["RECALL_KS", "retrieval_ranks", "retrieval_recalls", "mean_metrics", "protocol_folds",
-           "fold_score_matrices", "evaluate_retrieval"]
+__all__ = ["METRIC_KEYS", "PROTOCOL_FOLDS", "DEFAULT_SPLITS", "RECALL_KS", "retrieval_ranks", "retrieval_recalls",
+           "mean_metrics", "protocol_folds", "fold_score_matrices", "evaluate_retrieval"]
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 PROTOCOL_FOLDS = {"f30k": 1, "coco1k": 5, "coco5k": 1}
