@@ -137,26 +137,27 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
         `torch.FloatTensor` [I, T] (float32, on the device of the caches).
     """
     text_output = _first_member(texts)
-    image_output = _first_member(images)
+    num_regions = _first_member(images).region_mask.shape[1]
     lengths = text_output.attention_mask.sum(1)
     order = lengths.argsort(descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
     num_images, num_texts = num_items(images), len(order)
-    if max_pairs_per_block is None:
-        per_pair = pair_bytes(model, image_output.region_mask.shape[1], int(lengths.float().mean().ceil()))
-        max_pairs_per_block = max(1, max_block_bytes // per_pair)
-    block_images, block_texts = block_shape(num_images, num_texts, max_pairs_per_block)
     device = text_output.attention_mask.device
     scores = torch.empty(num_images, num_texts, dtype=torch.float32, device=device)
     similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
-    starts = [(i, t) for t in range(0, num_texts, block_texts) for i in range(0, num_images, block_images)]
-    text_block, text_start = None, None
-    with _autocast(device, dtype):
-        for image_start, start in tqdm(starts, desc="scoring", disable=not progress):
+    bar = tqdm(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
+    start = 0
+    with _autocast(device, dtype), bar:
+        while start < num_texts:  # caption groups, longest first; a group's block size follows its longest caption
+            pairs = max_pairs_per_block or max(1, max_block_bytes // pair_bytes(model, num_regions, sorted_lengths[start]))
+            block_images, block_texts = block_shape(num_images, num_texts - start, pairs)
             columns = order[start : start + block_texts]
-            if start != text_start:  # blocks run image-fastest: one gather of captions per caption group
-                text_block, text_start = select_items(texts, columns), start
-            rows = slice(image_start, image_start + block_images)
-            scores[rows, columns] = similarity(select_items(images, rows), text_block).float()
+            text_block = select_items(texts, columns)
+            for image_start in range(0, num_images, block_images):
+                rows = slice(image_start, image_start + block_images)
+                scores[rows, columns] = similarity(select_items(images, rows), text_block).float()
+                bar.update(len(scores[rows]) * len(columns))
+            start += block_texts
     return scores
 
 
