@@ -179,7 +179,8 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
             pay the compilation, seconds to a minute, so it pays off on large matrices).
         progress (`bool`): tqdm progress bars, on the main process only.
         accelerator (`accelerate.Accelerator`, *optional*): shards the rows (images) over its processes and gathers
-            the matrix; every process returns the full matrix.
+            the matrix; every process returns the full matrix. Destroy the process group when done
+            (`torch.distributed.destroy_process_group()`): gloo may abort at interpreter exit otherwise.
     """
     is_main = accelerator is None or accelerator.is_main_process
     was_training = model.training
