@@ -62,7 +62,7 @@ class MPSMIndex:
 
     @property
     def kind(self):
-        """"image" or "text"."""
+        """The kind of items held: "image" or "text"."""
         first = self.cache if isinstance(self.cache, ModelOutput) else next(iter(self.cache.values()))
         return "image" if isinstance(first, MPSMImageOutput) else "text"
 
