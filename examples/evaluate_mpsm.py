@@ -74,12 +74,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu)
     matrices, num_images = score_folds(args.model, args, accelerator)
-    if args.model2:
+    members = {}
+    if accelerator.is_main_process:
+        recall_at_k = evaluate.load(METRIC_PATH)
+    if args.model2:  # MPSM*: the mean of both score matrices; each member's own metrics are reported too
         matrices2, _ = score_folds(args.model2, args, accelerator)
+        if accelerator.is_main_process:
+            for path, member_matrices in ((args.model, matrices), (args.model2, matrices2)):
+                members[path] = mean_metrics([recall_at_k.compute(similarities=m.numpy()) for m in member_matrices])
         matrices = [(first + second) / 2 for first, second in zip(matrices, matrices2)]
 
     if accelerator.is_main_process:
-        recall_at_k = evaluate.load(METRIC_PATH)
         metrics = mean_metrics([recall_at_k.compute(similarities=matrix.numpy()) for matrix in matrices])
         results = {
             **{key: metrics[key] for key in METRIC_KEYS},
@@ -88,10 +93,14 @@ def main(argv=None) -> int:
             "dataset": os.path.basename(os.path.normpath(args.data_dir)),
             "model": args.model if not args.model2 else [args.model, args.model2],
         }
+        if members:
+            results["members"] = members
         folds = PROTOCOL_FOLDS[args.protocol]
         print(f"{args.protocol}: {results['dataset']}/{args.split}, {num_images} images in {folds} fold(s), "
               f"model {results['model']}")
-        print(format_table(metrics))
+        for path, member_metrics in members.items():
+            print(f"member {path}:\n{format_table(member_metrics)}")
+        print(("MPSM* (mean of both):\n" if members else "") + format_table(metrics))
         if args.output_json:
             with open(args.output_json, "w", encoding="utf-8") as file:
                 json.dump(results, file, indent=2)

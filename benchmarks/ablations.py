@@ -1,0 +1,228 @@
+"""The paper's ablations (Tables 2-4) and the seed options, re-run on the synthetic scenes.
+
+Every variant trains with the same CPU budget (`--max_train_steps` updates of `--batch_size` captions), the same data
+and the same seeds, through `examples/train_mpsm.py`; the best model on dev is evaluated on test with
+`examples/evaluate_mpsm.py` (Flickr30K protocol: each test image against all test captions). The ensemble (MPSM*) is
+the mean of the `dis` and `dir` runs of the same seed. Results are cached per run (`<output_dir>/<variant>/seed<S>/`),
+so an interrupted study resumes where it stopped.
+
+    python benchmarks/ablations.py --output_dir runs/ablations              # 16 variants x 3 seeds
+    python benchmarks/ablations.py --output_dir runs/ablations --quick      # 1 seed, fewer steps, for a first look
+
+Prints one table (mean ± sample standard deviation over seeds of R@1/5/10 both ways and rsum) and writes it as
+`ablations.md`, `ablations.json` and a bar plot `ablations.png` in `--output_dir`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+# name -> (table, --similarity, --set overrides); "MPSM (dis)" is the reference every table compares against.
+VARIANTS = {
+    "MPSM (dis)": ("modules", "distance", {}),
+    "w/o KGID": ("modules", "distance", {"kgid_layers": 0}),
+    "w/o V-KGID": ("modules", "distance", {"visual_kgid": False}),
+    "w/o T-KGID": ("modules", "distance", {"textual_kgid": False}),
+    "w/o SRGR": ("modules", "distance", {"use_srgr": False}),
+    "1 KGID": ("kgid layers", "distance", {"kgid_layers": 1}),
+    "2 KGID": ("kgid layers", "distance", {"kgid_layers": 2}),
+    "4 KGID": ("kgid layers", "distance", {"kgid_layers": 4}),
+    "global alignment": ("alignment", "distance", {"alignment": "global"}),
+    "local alignment": ("alignment", "distance", {"alignment": "local"}),
+    "MPSM (dir)": ("perspective", "direction", {}),
+    "MPSM (joint)": ("perspective", "joint", {}),
+    "seed 003: fine-grained labels": ("seed options", "distance", {"loss_type": "both"}),
+    "seed 004: two streams": ("seed options", "distance", {"streams": "both"}),
+    "seed 002: word SA + text-guided regions": (
+        "seed options", "distance", {"word_self_attention": True, "text_guided_image_features": True}
+    ),
+}
+ENSEMBLE = "MPSM* (dis + dir)"
+TABLE_ORDER = ("modules", "kgid layers", "alignment", "perspective", "seed options")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", help="SCAN-format data; default: synthetic scenes generated in output_dir/data.")
+    parser.add_argument("--output_dir", default=os.path.join(REPO, "runs", "ablations"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max_train_steps", type=int, default=200, help="The CPU budget of every variant.")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--model_size", nargs="+",
+                        default=["embed_size=128", "sim_dim=32", "word_dim=96", "max_violation=false"],
+                        help="--set overrides shared by every variant (the CPU-sized model; sum of violations, since "
+                             "hardest negatives collapse on this benchmark, see README).")
+    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one thread each.")
+    parser.add_argument("--variants", nargs="+", help="Subset of variant names (default: all).")
+    parser.add_argument("--parser", default="fallback", help="Dependency parser (spacy:<pipeline> or fallback).")
+    parser.add_argument("--quick", action="store_true", help="One seed and 100 steps.")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.max_train_steps = args.seeds[:1], 100
+    unknown = set(args.variants or []) - set(VARIANTS) - {ENSEMBLE}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS) + [ENSEMBLE]}")
+    return args
+
+
+def run(command, log_path):
+    """Runs a command with its output in `log_path`; raises with the log's tail on failure."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": REPO, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    if result.returncode:
+        with open(log_path, encoding="utf-8") as log:
+            tail = log.read()[-2000:]
+        raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}); log {log_path}:\n{tail}")
+
+
+def make_data(output_dir):
+    data_dir = os.path.join(output_dir, "data")
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        os.makedirs(output_dir, exist_ok=True)
+        run([sys.executable, "-m", "modeling_mpsm.synthetic", "--output_dir", data_dir, "--num_train", "1500",
+             "--num_dev", "100", "--num_test", "500", "--feature_dim", "256", "--seed", "1234"],
+            os.path.join(output_dir, "data.log"))
+    return data_dir
+
+
+def train_and_evaluate(args, data_dir, name, seed):
+    """Metrics of one variant and seed on test (cached in its run folder)."""
+    _, similarity, overrides = VARIANTS[name]
+    run_dir = os.path.join(args.output_dir, slug(name), f"seed{seed}")
+    result_path = os.path.join(run_dir, "test_metrics.json")
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as file:
+            return json.load(file)
+    os.makedirs(run_dir, exist_ok=True)
+    settings = args.model_size + [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    started = time.time()
+    run([sys.executable, "examples/train_mpsm.py", "--data_dir", data_dir, "--output_dir", run_dir,
+         "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
+         "--batch_size", str(args.batch_size), "--seed", str(seed),
+         "--parser", args.parser, "--eval_steps", str(max(args.max_train_steps // 2, 1)), "--max_eval_images", "100",
+         "--cpu"],
+        os.path.join(run_dir, "train.log"))
+    train_seconds = time.time() - started
+    evaluate(data_dir, [run_dir], result_path, args.parser)
+    with open(result_path, encoding="utf-8") as file:
+        metrics = json.load(file)
+    metrics["train_seconds"] = train_seconds
+    with open(result_path, "w", encoding="utf-8") as file:
+        json.dump(metrics, file, indent=2)
+    return metrics
+
+
+def evaluate(data_dir, models, result_path, parser):
+    command = [sys.executable, "examples/evaluate_mpsm.py", "--model", models[0], "--data_dir", data_dir,
+               "--split", "test", "--output_json", result_path, "--parser", parser, "--cpu"]
+    if len(models) > 1:
+        command += ["--model2", models[1]]
+    run(command, result_path + ".log")
+
+
+def ensemble_metrics(args, data_dir, seed):
+    run_dir = os.path.join(args.output_dir, slug(ENSEMBLE), f"seed{seed}")
+    result_path = os.path.join(run_dir, "test_metrics.json")
+    if not os.path.exists(result_path):
+        os.makedirs(run_dir, exist_ok=True)
+        members = [os.path.join(args.output_dir, slug(name), f"seed{seed}") for name in ("MPSM (dis)", "MPSM (dir)")]
+        evaluate(data_dir, members, result_path, args.parser)
+    with open(result_path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def slug(name):
+    return "".join(character if character.isalnum() else "_" for character in name).strip("_").lower()
+
+
+def summarise(results):
+    """variant -> {metric: (mean, spread)} with the spread the sample standard deviation over seeds (0 for one)."""
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {}
+        for metric in METRICS:
+            values = [run[metric] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[name][metric] = (statistics.fmean(values), spread)
+    return summary
+
+
+def markdown_table(summary, seeds, steps):
+    lines = [
+        f"Mean ± standard deviation over seeds {seeds}; {steps} updates per variant; synthetic test split "
+        "(500 images x 2,500 captions).",
+        "",
+        "| table | variant | " + " | ".join(METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for table in TABLE_ORDER + ("ensemble",):
+        for name, metrics in summary.items():
+            if VARIANTS.get(name, ("ensemble",))[0] != table:
+                continue
+            cells = [f"{mean:.1f} ± {spread:.1f}" for mean, spread in (metrics[m] for m in METRICS)]
+            lines.append(f"| {table} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [summary[name]["rsum"][0] for name in names]
+    spreads = [summary[name]["rsum"][1] for name in names]
+    figure, axis = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    axis.barh(range(len(names)), means, xerr=spreads, color="tab:blue", alpha=0.8, capsize=3)
+    axis.set_yticks(range(len(names)), names)
+    axis.invert_yaxis()
+    axis.set_xlabel("rsum on synthetic test (mean ± std over seeds)")
+    axis.axvline(summary["MPSM (dis)"]["rsum"][0], color="black", linestyle="--", linewidth=1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    data_dir = args.data_dir or make_data(args.output_dir)
+    names = [name for name in VARIANTS if not args.variants or name in args.variants]
+    want_ensemble = not args.variants or ENSEMBLE in args.variants
+    for required in ("MPSM (dis)", "MPSM (dir)") if want_ensemble else ():
+        if required not in names:
+            names.append(required)
+    jobs = [(name, seed) for seed in args.seeds for name in names]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {job: pool.submit(train_and_evaluate, args, data_dir, *job) for job in jobs}
+        results = {}
+        for (name, seed), future in futures.items():
+            metrics = future.result()
+            results.setdefault(name, []).append(metrics)
+            print(f"seed {seed} {name:45s} rsum {metrics['rsum']:6.1f}  ({metrics.get('train_seconds', 0):.0f} s)",
+                  flush=True)
+    if want_ensemble:
+        results[ENSEMBLE] = [ensemble_metrics(args, data_dir, seed) for seed in args.seeds]
+    summary = summarise(results)
+    table = markdown_table(summary, args.seeds, args.max_train_steps)
+    print(table)
+    with open(os.path.join(args.output_dir, "ablations.md"), "w", encoding="utf-8") as file:
+        file.write(table + "\n")
+    with open(os.path.join(args.output_dir, "ablations.json"), "w", encoding="utf-8") as file:
+        json.dump({"settings": vars(args), "summary": summary, "runs": results}, file, indent=2)
+    if "MPSM (dis)" in summary:
+        plot(summary, os.path.join(args.output_dir, "ablations.png"))
+
+
+if __name__ == "__main__":
+    main()
