@@ -10,7 +10,6 @@ checkpoint); the card template `hub_configs/mpsm-ensemble/README.md` explains wh
 """
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -189,12 +188,25 @@ def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None
     MPSMProcessor.from_pretrained(processor_dir or checkpoint_dir).save_pretrained(output_dir)
     training_args = Path(checkpoint_dir) / "training_args.json"
     if training_args.is_file():
-        shutil.copy(training_args, output_dir / training_args.name)
+        write_public_training_args(training_args, output_dir / training_args.name)
     card = build_model_card(
         model.config, repo_id, model.num_parameters(), metrics, template_path, training_args=training_args.is_file()
     )
     card.save(output_dir / "README.md")
     return sorted(path for path in output_dir.rglob("*") if path.is_file())
+
+
+LOCAL_PATH_SETTINGS = ("data_dir", "output_dir", "config", "vocab", "resume_from_checkpoint", "debug_state_hash_file")
+
+
+def write_public_training_args(source, target):
+    """Copies a run's `training_args.json` without the settings that are local paths of the machine it ran on."""
+    with open(source, encoding="utf-8") as file:
+        settings = json.load(file)
+    for key in LOCAL_PATH_SETTINGS:
+        settings.get("training", {}).pop(key, None)
+    with open(target, "w", encoding="utf-8") as file:
+        json.dump(settings, file, indent=2)
 
 
 def publish(checkpoint_dir, repo_id: str, metrics_path=None, private: bool = False, dry_run: bool = False,

@@ -293,3 +293,14 @@ def test_publish_script_dry_run_prints_files_and_card_and_uploads_nothing(checkp
     weights_line = next(line for line in output.splitlines() if line.split()[:1] == ["model.safetensors"])
     assert weights_line.endswith(f"{(checkpoint / 'model.safetensors').stat().st_size:,} bytes")
     assert "model-index:" in output and "# MPSM (dis)" in output
+
+
+def test_published_training_args_drop_local_paths(tmp_path):
+    from modeling_mpsm.publishing import write_public_training_args
+
+    source = tmp_path / "training_args.json"
+    source.write_text(json.dumps({"model": {"embed_size": 8}, "training": {
+        "data_dir": "/home/me/data", "output_dir": "/home/me/run", "learning_rate": 2e-4, "seed": 3}}))
+    write_public_training_args(source, tmp_path / "public.json")
+    public = json.loads((tmp_path / "public.json").read_text())
+    assert public == {"model": {"embed_size": 8}, "training": {"learning_rate": 2e-4, "seed": 3}}
