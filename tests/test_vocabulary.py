@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -7,7 +8,8 @@ from hypothesis import strategies as st
 from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary, tokenize_caption
 
 
-F30K_VOCAB = "/work/shared/data/f30k_precomp_vocab.json"
+# The real Flickr30K SCAN vocabulary lives in ../shared beside the repository (as in CI).
+F30K_VOCAB = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "f30k_precomp_vocab.json")
 
 
 @pytest.fixture(scope="module")
