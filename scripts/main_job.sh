@@ -25,7 +25,8 @@ for member in dis dir; do
   echo "== 2/6 train MPSM ($member) -> $OUT/mpsm-$member"
   "$PYTHON" examples/train_mpsm.py --data_dir "$OUT/data" --output_dir "$OUT/mpsm-$member" \
       --similarity "$similarity" --set $SIZE max_violation=false global_loss_weight=0.5 \
-      --batch_size 32 --learning_rate 5e-4 --max_train_steps "$STEPS" --eval_steps $((STEPS / 3)) --max_eval_images 200 --checkpointing_steps $((STEPS / 3)) \
+      --batch_size 32 --learning_rate 5e-4 --max_train_steps "$STEPS" \
+      --eval_steps $((STEPS / 3)) --max_eval_images 200 --checkpointing_steps $((STEPS / 3)) \
       --parser "$PARSER" --seed 0 --cpu
 done
 
