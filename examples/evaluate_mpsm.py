@@ -19,6 +19,7 @@ import sys
 import evaluate
 import torch
 from accelerate import Accelerator
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoModel
 
 import modeling_mpsm
@@ -26,6 +27,7 @@ from modeling_mpsm import MPSMProcessor
 from modeling_mpsm.data import load_split
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
+from modeling_mpsm.publishing import check_checkpoint
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
@@ -50,11 +52,25 @@ def parse_args(argv=None):
 
 def score_folds(path, args, accelerator):
     """Score matrices of the protocol's folds for the model at `path`, with its own processor."""
-    model = AutoModel.from_pretrained(path, trust_remote_code=True).to(accelerator.device)
+    if os.path.isdir(path):
+        check_checkpoint(path)  # names the missing file, or a tokenizer that does not fit the model
+    try:
+        model = AutoModel.from_pretrained(path, trust_remote_code=True).to(accelerator.device)
+    except OSError as error:
+        if os.path.isdir(path):
+            raise
+        raise OSError(f"model {path}: not a model folder, nor loadable from the Hub ({error})") from error
     processor = MPSMProcessor.from_pretrained(path)
     parser_name = args.parser or processor.dependency_parser
     with accelerator.main_process_first():
         dataset = load_split(args.data_dir, args.split, parser=get_dependency_parser(parser_name))
+    width = dataset.features["region_features"].shape[1]
+    img_dim = (model.config.dis_config if hasattr(model.config, "dis_config") else model.config).img_dim
+    if width != img_dim:
+        raise ValueError(
+            f"split {args.split!r} of {args.data_dir} has region features of width {width}, but the model {path} "
+            f"expects img_dim={img_dim} (config.json): the data and the model do not match."
+        )
     matrices = fold_score_matrices(
         model, dataset, processor, PROTOCOL_FOLDS[args.protocol], batch_size=args.batch_size,
         dtype=torch.bfloat16 if args.bf16 else None, accelerator=accelerator,
@@ -73,6 +89,19 @@ def format_table(metrics: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu)
+    try:
+        return evaluate_and_report(args, accelerator)
+    except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
+        # Bad inputs (missing or corrupt model or data, mismatched model and data) and I/O failures: one line naming
+        # the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
+        if os.environ.get("MPSM_TRACEBACK"):
+            raise
+        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+
+
+def evaluate_and_report(args, accelerator) -> int:
     matrices, num_images = score_folds(args.model, args, accelerator)
     members = {}
     if accelerator.is_main_process:
@@ -101,9 +130,16 @@ def main(argv=None) -> int:
         for path, member_metrics in members.items():
             print(f"member {path}:\n{format_table(member_metrics)}")
         print(("MPSM* (mean of both):\n" if members else "") + format_table(metrics))
-        if args.output_json:
-            with open(args.output_json, "w", encoding="utf-8") as file:
-                json.dump(results, file, indent=2)
+        if args.output_json:  # written whole or not at all: through a temporary file renamed into place
+            temporary = os.path.join(os.path.dirname(os.path.abspath(args.output_json)),
+                                     f".tmp-{os.path.basename(args.output_json)}")
+            try:
+                with open(temporary, "w", encoding="utf-8") as file:
+                    json.dump(results, file, indent=2)
+                os.replace(temporary, args.output_json)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     dependency_parser = None if args.parser == "none" else get_dependency_parser(args.parser)
     try:
         dataset_dict = convert_to_arrow(args.data_dir, args.output_dir, args.splits, dependency_parser, args.num_proc)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # missing or bad inputs, read-only or full output file system
         print(f"error: {error}", file=sys.stderr)
         return 1
     except DatasetGenerationError as error:  # raised while reading or parsing: show what went wrong

@@ -19,12 +19,15 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from datasets.exceptions import DatasetGenerationError
+from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, load_split
@@ -105,8 +108,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     model_fields = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as file:
-            config = json.load(file)
+        try:
+            with open(args.config, encoding="utf-8") as file:
+                config = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"--config {args.config}: cannot read a JSON configuration ({error}).")
         if "members" in config:
             if args.member is None:
                 parser.error(f"{args.config} describes an ensemble: choose the member to train with --member dis|dir.")
@@ -158,11 +164,9 @@ def run(args, accelerator):
             f"{output_dir} holds checkpoints of an earlier run: resume it with --resume_from_checkpoint latest, "
             "or choose another --output_dir."
         )
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        remove_unfinished_checkpoints(output_dir)
-    accelerator.wait_for_everyone()
-
+    # Everything that can fail on bad inputs (data, vocabulary, configuration, checkpoint) is checked before
+    # `output_dir` is created, so that such a failure leaves nothing behind.
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the main process converts and caches the data first
         parser = get_dependency_parser(args.parser)
         train = load_split(args.data_dir, "train", parser=parser)
@@ -194,14 +198,21 @@ def run(args, accelerator):
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if updates_per_epoch == 0:
         raise ValueError(f"The training split has fewer captions per process than --batch_size {args.batch_size}.")
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        remove_unfinished_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
     scheduler = step_decay_schedule(optimizer, updates_per_epoch, args.lr_decay_epochs, args.lr_decay_factor)
     state = TrainingState()
     accelerator.register_for_checkpointing(scheduler, state)
 
     log = TrainingLog(output_dir, enabled=accelerator.is_main_process)
-    if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(checkpoint)
+    if checkpoint:
+        try:
+            accelerator.load_state(checkpoint)
+        except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as error:
+            raise OSError(f"Checkpoint {checkpoint} cannot be loaded (truncated, corrupt or of another model "
+                          f"configuration): {error}") from error
         logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
     log.restart_at(state.global_step)
     if args.with_tracking:
@@ -272,6 +283,14 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         logger.error(str(error), main_process_only=True)
         status = 1
+    except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
+        # Bad inputs (missing files or splits, corrupt data, bad settings) and I/O failures (read-only or full disk):
+        # one line naming the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
+        if os.environ.get("MPSM_TRACEBACK"):
+            raise
+        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+        print(f"error: {cause}", file=sys.stderr)
+        status = 2
     if args.with_tracking:
         accelerator.end_training()
     # A clean exit in distributed runs: every process reaches this barrier, then tears the process group down

@@ -126,11 +126,23 @@ class ScanSplit:
         if self.boxes is None:
             return None
         boxes = self.boxes[start:stop]
+        bad = ~np.isfinite(boxes).all(axis=(1, 2)) | (boxes[..., 2] < boxes[..., 0]).any(1) | (boxes[..., 3] < boxes[..., 1]).any(1)
+        if bad.any():
+            raise ValueError(
+                f"{self.path('ims_bbx.npy')}: images {(start + np.flatnonzero(bad)).tolist()} have boxes that are not "
+                "finite (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1."
+            )
         if self.image_sizes is not None:
             width_height = np.maximum(self.image_sizes[start:stop], 1.0)
             boxes = boxes / np.tile(width_height, 2)[:, None, :]
         elif boxes.size and boxes.max() > 1.0 + 1e-3:
             raise ValueError(f"{self.path('ims_bbx.npy')} holds pixel boxes but {self.path('ims_size.npy')} is missing.")
+        outside = ((boxes < -0.01) | (boxes > 1.01)).any(axis=(1, 2))  # detector rounding is clipped, more is an error
+        if outside.any():
+            raise ValueError(
+                f"{self.path('ims_bbx.npy')}: images {(start + np.flatnonzero(outside)).tolist()} have boxes outside "
+                f"the image (of {self.path('ims_size.npy')} when present, else [0, 1])."
+            )
         return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
     def fingerprint(self) -> list:
@@ -165,6 +177,12 @@ def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=
     progress = tqdm(total=sum(stop - start for start, stop in chunks), desc=f"converting {split_name}", unit="image")
     for start, stop in chunks:
         features = np.asarray(split.images[start:stop], dtype=np.float16)
+        bad = ~np.isfinite(features).all(axis=(1, 2))  # NaN/Inf in the file, or values beyond float16's 65504
+        if bad.any():
+            raise ValueError(
+                f"{split.images_path}: images {(start + np.flatnonzero(bad)).tolist()} have NaN, Inf or values "
+                "beyond the float16 range (|x| > 65504); expected finite region features."
+            )
         boxes = split.normalized_boxes(start, stop)
         captions = split.captions[start * CAPTIONS_PER_IMAGE : stop * CAPTIONS_PER_IMAGE]
         if parser is not None:
@@ -263,17 +281,26 @@ def _is_scan_dir(path: str, split: str) -> bool:
     return os.path.isfile(os.path.join(path, f"{split}_ims.npy")) or os.path.isfile(os.path.join(path, f"{split}_caps.txt"))
 
 
+def _load_from_disk(path: str):
+    """`datasets.load_from_disk`, naming the dataset when one of its Arrow files is truncated or corrupt."""
+    try:
+        return datasets.load_from_disk(path)
+    except (OSError, ValueError) as error:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: an Arrow file of this dataset is truncated or corrupt ({error}); convert the data "
+                         "again (examples/prepare_data.py).") from error
+
+
 def load_split(path_or_dir: str, split: str, parser=None) -> datasets.Dataset:
     """The `split` of an Arrow `DatasetDict` directory, or of a SCAN directory (converted on first use into
     `<data_dir>/arrow_cache/<split>` and reused afterwards)."""
     path = str(path_or_dir)
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        dataset_dict = datasets.load_from_disk(path)
+        dataset_dict = _load_from_disk(path)
         if split not in dataset_dict:
             raise KeyError(f"{path} has splits {list(dataset_dict)}, not {split!r}.")
         return dataset_dict[split]
     if os.path.isfile(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
+        return _load_from_disk(path)
     if not _is_scan_dir(path, split):
         raise FileNotFoundError(
             f"{path} is neither an Arrow dataset directory nor a SCAN directory with {os.path.join(path, split + '_ims.npy')}."

@@ -122,6 +122,8 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
     if not isinstance(region_features, torch.Tensor) or region_features.dim() != 3:
         shape = tuple(region_features.shape) if isinstance(region_features, torch.Tensor) else type(region_features)
         raise ValueError(f"`region_features` must be a tensor of shape [batch, regions, {img_dim}], got {shape}")
+    if not region_features.is_floating_point():
+        raise ValueError(f"`region_features` must be a floating-point tensor, got {region_features.dtype}")
     batch, num_regions, width = region_features.shape
     if width != img_dim:
         raise ValueError(f"`region_features` must have {img_dim} features per region (config.img_dim), got {width}")
@@ -612,11 +614,35 @@ def global_contrastive_loss(image_embeds, text_embeds, temperature, positive_mas
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
+    """`load(path, ...)` (a `PreTrainedModel.from_pretrained`), with truncated or corrupt weights and weights that do not
+    fit `config.json` reported as errors naming the checkpoint's files instead of bare safetensors / size errors."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(path, *args, **kwargs)
+    except SafetensorError as error:
+        raise OSError(
+            f"{path}: model.safetensors is truncated or corrupt ({error}); save or download the checkpoint again."
+        ) from error
+    except RuntimeError as error:
+        if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise ValueError(
+            f"{path}: the weights in model.safetensors do not match config.json (tensor shapes differ, see the load "
+            f"report above); was config.json edited or copied from another checkpoint? ({error})"
+        ) from error
+
+
 class MPSMPreTrainedModel(PreTrainedModel):
     config_class = MPSMConfig
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -693,6 +719,8 @@ class MPSMModel(MPSMPreTrainedModel):
         Returns:
             [`MPSMImageOutput`].
         """
+        if isinstance(region_features, torch.Tensor) and region_features.is_floating_point():
+            region_features = region_features.to(self.image_encoder.fc.weight.dtype)  # e.g. float64 numpy features
         boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
         regions = self.image_encoder(region_features, region_mask)
         if self.visual_kgid is not None:
@@ -878,6 +906,10 @@ class MPSMEnsembleModel(PreTrainedModel):
     config_class = MPSMEnsembleConfig
     base_model_prefix = "mpsm_ensemble"
     main_input_name = "input_ids"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
     def __init__(self, config: MPSMEnsembleConfig):
         super().__init__(config)

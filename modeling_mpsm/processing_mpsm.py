@@ -7,6 +7,7 @@ standard library. spaCy is an optional dependency, imported lazily by `SpacyDepe
 
 import functools
 import importlib
+import json
 import re
 import unicodedata
 import warnings
@@ -216,6 +217,16 @@ class MPSMProcessor(ProcessorMixin):
     def parser(self, parser: DependencyParser):
         self._parser = parser
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: a processor file (tokenizer.json, tokenizer_config.json or "
+                f"processor_config.json) is not valid JSON ({error}); save the processor again."
+            ) from error
+
     def to_dict(self) -> dict:
         # Settings only: the parser and the parse cache are runtime objects, and the tokenizer saves itself.
         settings = ("num_regions", "max_length", "dependency_parser", "region_feature_dim")
@@ -295,6 +306,9 @@ class MPSMProcessor(ProcessorMixin):
 
     def _process_text(self, text, dependency_heads) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
+        for index, caption in enumerate(texts):
+            if not isinstance(caption, str):
+                raise ValueError(f"`text[{index}]` must be a string (a caption), got {type(caption).__name__}: {caption!r}.")
         captions = [tokenize_caption(caption) for caption in texts]
         for index, words in enumerate(captions):
             if not words:

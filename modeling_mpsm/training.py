@@ -182,7 +182,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
+    try:
+        accelerator.save_state(temporary)
+    except BaseException:  # e.g. OSError(ENOSPC): no half-written folder is left behind, `latest` is unchanged
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)  # only when a step is saved twice (same state)
