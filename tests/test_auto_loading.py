@@ -1,8 +1,8 @@
 """Saved and published MPSM models load in a fresh Python process through the Auto classes and the remote code
 they carry, offline: (a) from a directory, (b) by repo id from a pre-filled Hugging Face cache.
 
-The child process runs from a temporary directory with no PYTHONPATH, so `modeling_mpsm` cannot be imported there
-(it checks); everything it runs comes from the files `save_pretrained` copied next to the weights. Inputs, weights
+The child process runs from a temporary directory with no PYTHONPATH and blocks `import modeling_mpsm` (the package
+may be installed), so everything it runs comes from the files `save_pretrained` copied next to the weights. Inputs, weights
 and expected scores travel in a .pt file.
 """
 
@@ -29,11 +29,11 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Run in the child: loads every case of the .pt file with the Auto classes and compares it with what was saved.
 CHILD = textwrap.dedent(
     """
-    import importlib.util, sys
+    import sys
+    sys.modules["modeling_mpsm"] = None  # the installed package must not be used: `import modeling_mpsm` now fails
     import torch
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    assert importlib.util.find_spec("modeling_mpsm") is None, "modeling_mpsm must not be importable here"
     for case in torch.load(sys.argv[1]):
         config = AutoConfig.from_pretrained(case["source"], trust_remote_code=True)
         model = AutoModel.from_pretrained(case["source"], trust_remote_code=True).eval()
