@@ -35,8 +35,20 @@ def env():
 
 
 def run_script(name, *args, timeout=180):
+    """The example script `name` as a subprocess (a real exit code and stderr)."""
     return subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *map(str, args)], capture_output=True,
                           text=True, env=env(), timeout=timeout)
+
+
+def run_main(capsys, name, *args):
+    """`main(args)` of the example script `name` in this process (saves the ~4 s start-up of a subprocess; the
+    subprocess cases above show that the same `error:` line and exit code reach the shell)."""
+    capsys.readouterr()
+    try:
+        status = load_script(name).main([*map(str, args)])
+    except SystemExit as exit:  # argparse errors
+        status = exit.code
+    return subprocess.CompletedProcess(name, status, *capsys.readouterr())
 
 
 def load_script(name):
@@ -302,20 +314,20 @@ def test_converter_cli_missing_split(data_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_converter_cli_nan_features(data_dir, tmp_path):
+def test_converter_cli_nan_features(data_dir, tmp_path, capsys):
     scan = copy_scan(data_dir, tmp_path / "scan", splits=("test",))
     set_array(f"{scan}/test_ims.npy", (1, 0, 0), np.inf)
     before = files(tmp_path)
-    result = run_script("prepare_data.py", "--data_dir", scan, "--output_dir", tmp_path / "out", "--splits", "test",
-                        "--parser", "none")
+    result = run_main(capsys, "prepare_data.py", "--data_dir", scan, "--output_dir", tmp_path / "out", "--splits",
+                      "test", "--parser", "none")
     assert_user_error(result, "test_ims.npy: images [1] have NaN, Inf")
     assert files(tmp_path) == before
 
 
-def test_converter_cli_read_only_output(data_dir, mount, tmp_path):
+def test_converter_cli_read_only_output(data_dir, mount, tmp_path, capsys):
     target = read_only_dir(mount, tmp_path)
     before = files(target)
-    result = run_script("prepare_data.py", "--data_dir", data_dir, "--output_dir", f"{target}/out", "--splits", "test",
+    result = run_main(capsys, "prepare_data.py", "--data_dir", data_dir, "--output_dir", f"{target}/out", "--splits", "test",
                         "--parser", "none")
     assert_user_error(result, "error:", "Read-only file system" if os.geteuid() == 0 else "Permission denied")
     assert files(target) == before
@@ -351,9 +363,10 @@ def test_conversion_disk_full_midway_leaves_nothing(data_dir, tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------------ training CLI
-def train(data, output_dir, *extra):
-    return run_script("train_mpsm.py", "--data_dir", data, "--output_dir", output_dir, "--parser", "fallback",
-                      *TINY_SET, "--batch_size", "10", "--max_train_steps", "2", "--vocab_min_count", "1", *extra)
+def train(data, output_dir, *extra, capsys=None):
+    """The training CLI as a subprocess, or in this process with `capsys`."""
+    run = (lambda *args: run_main(capsys, "train_mpsm.py", *args)) if capsys else (lambda *args: run_script("train_mpsm.py", *args))
+    return run("--data_dir", data, "--output_dir", output_dir, "--parser", "fallback", *TINY_SET, "--batch_size", "10", "--max_train_steps", "2", "--vocab_min_count", "1", *extra)
 
 
 def test_training_cli_missing_dev_split(data_dir, tmp_path):
@@ -362,26 +375,26 @@ def test_training_cli_missing_dev_split(data_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_training_cli_resume_without_checkpoint(data_dir, tmp_path):
-    result = train(data_dir, tmp_path / "run", "--resume_from_checkpoint", "latest")
+def test_training_cli_resume_without_checkpoint(data_dir, tmp_path, capsys):
+    result = train(data_dir, tmp_path / "run", "--resume_from_checkpoint", "latest", capsys=capsys)
     assert_user_error(result, "error: No checkpoint to resume from:", "checkpoints/latest does not exist")
     assert not (tmp_path / "run").exists()
 
 
-def test_training_cli_batch_larger_than_the_data(data_dir, tmp_path):
-    result = train(data_dir, tmp_path / "run", "--batch_size", "1000")
+def test_training_cli_batch_larger_than_the_data(data_dir, tmp_path, capsys):
+    result = train(data_dir, tmp_path / "run", "--batch_size", "1000", capsys=capsys)
     assert_user_error(result, "error: The training split has fewer captions per process than --batch_size 1000")
     assert not (tmp_path / "run").exists()
 
 
-def test_training_cli_bad_model_setting(data_dir, tmp_path):
-    result = train(data_dir, tmp_path / "run", "--set", "kgid_layers=-1")
+def test_training_cli_bad_model_setting(data_dir, tmp_path, capsys):
+    result = train(data_dir, tmp_path / "run", "--set", "kgid_layers=-1", capsys=capsys)
     assert_user_error(result, "error:", "kgid_layers")
     assert not (tmp_path / "run").exists()
 
 
-def test_training_cli_missing_config_file(data_dir, tmp_path):
-    result = train(data_dir, tmp_path / "run", "--config", tmp_path / "nowhere.json")
+def test_training_cli_missing_config_file(data_dir, tmp_path, capsys):
+    result = train(data_dir, tmp_path / "run", "--config", tmp_path / "nowhere.json", capsys=capsys)
     assert_user_error(result, "--config", "nowhere.json: cannot read a JSON configuration")
     assert not (tmp_path / "run").exists()
 
@@ -393,13 +406,13 @@ def test_training_cli_read_only_output(data_dir, mount, tmp_path):
     assert files(target) == set()
 
 
-def test_training_cli_corrupt_checkpoint(data_dir, tmp_path):
+def test_training_cli_corrupt_checkpoint(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert train(data_dir, run, "--checkpointing_steps", "1").returncode == 0
+    assert train(data_dir, run, "--checkpointing_steps", "1", capsys=capsys).returncode == 0
     weights = run / "checkpoints" / "step_2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     before = files(run)
-    result = train(data_dir, run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    result = train(data_dir, run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", capsys=capsys)
     assert_user_error(result, f"error: Checkpoint {run}/checkpoints/step_2 cannot be loaded")
     assert files(run) == before
 
@@ -429,42 +442,45 @@ def test_checkpoint_write_fails_with_disk_full(data_dir, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation CLI
-def evaluate(model, data, *extra):
-    return run_script("evaluate_mpsm.py", "--model", model, "--data_dir", data, "--parser", "fallback", *extra)
+def evaluate(model, data, *extra, capsys=None):
+    """The evaluation CLI as a subprocess, or in this process with `capsys`."""
+    args = ["--model", model, "--data_dir", data, "--parser", "fallback", "--cpu", *extra]
+    return run_main(capsys, "evaluate_mpsm.py", *args) if capsys else run_script("evaluate_mpsm.py", *args)
 
 
 def test_evaluation_cli_missing_model(data_dir, tmp_path):
     assert_user_error(evaluate(tmp_path / "no_model", data_dir), f"error: model {tmp_path}/no_model: not a model folder")
 
 
-def test_evaluation_cli_missing_split(model_dir, data_dir, tmp_path):
+def test_evaluation_cli_missing_split(model_dir, data_dir, tmp_path, capsys):
     scan = copy_scan(data_dir, tmp_path / "scan", splits=("train", "dev"))
-    assert_user_error(evaluate(model_dir, scan), "error:", "test_ims.npy")
+    assert_user_error(evaluate(model_dir, scan, capsys=capsys), "error:", "test_ims.npy")
     assert not os.path.exists(os.path.join(scan, "arrow_cache"))
 
 
-def test_evaluation_cli_vocabulary_of_another_model(copied_model, data_dir, tmp_path):
+def test_evaluation_cli_vocabulary_of_another_model(copied_model, data_dir, tmp_path, capsys):
     other = save_model(tmp_path / "other", data_dir, min_count=3)  # a smaller vocabulary
     shutil.copy(os.path.join(other, "tokenizer.json"), copied_model / "tokenizer.json")
-    result = evaluate(copied_model, data_dir)
+    result = evaluate(copied_model, data_dir, capsys=capsys)
     assert_user_error(result, f"{copied_model}/tokenizer.json has", "but", "config.json has vocab_size=")
 
 
-def test_evaluation_cli_features_of_another_width(data_dir, tmp_path):
+def test_evaluation_cli_features_of_another_width(data_dir, tmp_path, capsys):
     model = save_model(tmp_path / "model8", data_dir, img_dim=8)
-    result = evaluate(model, data_dir)
+    result = evaluate(model, data_dir, capsys=capsys)
     assert_user_error(result, "region features of width 16, but the model", "expects img_dim=8")
 
 
 def test_evaluation_cli_truncated_weights(copied_model, data_dir):
     weights = copied_model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    assert_user_error(evaluate(copied_model, data_dir), f"error: {copied_model}: model.safetensors is truncated or corrupt")
+    assert_user_error(evaluate(copied_model, data_dir),
+                      f"error: {copied_model}: model.safetensors is truncated or corrupt")
 
 
-def test_evaluation_cli_read_only_output(model_dir, data_dir, mount, tmp_path):
+def test_evaluation_cli_read_only_output(model_dir, data_dir, mount, tmp_path, capsys):
     target = read_only_dir(mount, tmp_path)
-    result = evaluate(model_dir, data_dir, "--output_json", f"{target}/results.json")
+    result = evaluate(model_dir, data_dir, "--output_json", f"{target}/results.json", capsys=capsys)
     assert_user_error(result, "error:", "Read-only file system" if os.geteuid() == 0 else "Permission denied")
     assert files(target) == set()
 
