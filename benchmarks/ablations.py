@@ -56,14 +56,17 @@ def parse_args():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max_train_steps", type=int, default=200, help="The CPU budget of every variant.")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Higher than the paper's 2e-4: a short budget.")
     parser.add_argument("--model_size", nargs="+",
-                        default=["embed_size=128", "sim_dim=32", "word_dim=96", "max_violation=false"],
+                        default=["embed_size=96", "sim_dim=24", "word_dim=64", "max_violation=false"],
                         help="--set overrides shared by every variant (the CPU-sized model; sum of violations, since "
                              "hardest negatives collapse on this benchmark, see README).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one thread each.")
     parser.add_argument("--variants", nargs="+", help="Subset of variant names (default: all).")
     parser.add_argument("--parser", default="fallback", help="Dependency parser (spacy:<pipeline> or fallback).")
     parser.add_argument("--quick", action="store_true", help="One seed and 100 steps.")
+    parser.add_argument("--summarise_only", action="store_true",
+                        help="Build the table from the finished runs only (an interrupted study), training nothing.")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.max_train_steps = args.seeds[:1], 100
@@ -89,7 +92,7 @@ def make_data(output_dir):
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         os.makedirs(output_dir, exist_ok=True)
         run([sys.executable, "-m", "modeling_mpsm.synthetic", "--output_dir", data_dir, "--num_train", "1500",
-             "--num_dev", "100", "--num_test", "500", "--feature_dim", "256", "--seed", "1234"],
+             "--num_dev", "100", "--num_test", "300", "--feature_dim", "256", "--seed", "1234"],
             os.path.join(output_dir, "data.log"))
     return data_dir
 
@@ -97,22 +100,22 @@ def make_data(output_dir):
 def train_and_evaluate(args, data_dir, name, seed):
     """Metrics of one variant and seed on test (cached in its run folder)."""
     _, similarity, overrides = VARIANTS[name]
-    run_dir = os.path.join(args.output_dir, slug(name), f"seed{seed}")
-    result_path = os.path.join(run_dir, "test_metrics.json")
+    folder = run_dir(args, name, seed)
+    result_path = os.path.join(folder, "test_metrics.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as file:
             return json.load(file)
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     settings = args.model_size + [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     started = time.time()
-    run([sys.executable, "examples/train_mpsm.py", "--data_dir", data_dir, "--output_dir", run_dir,
+    run([sys.executable, "examples/train_mpsm.py", "--data_dir", data_dir, "--output_dir", folder,
          "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
-         "--batch_size", str(args.batch_size), "--seed", str(seed),
-         "--parser", args.parser, "--eval_steps", str(max(args.max_train_steps // 2, 1)), "--max_eval_images", "100",
+         "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate), "--seed", str(seed),
+         "--parser", args.parser, "--max_eval_images", "100",
          "--cpu"],
-        os.path.join(run_dir, "train.log"))
+        os.path.join(folder, "train.log"))
     train_seconds = time.time() - started
-    evaluate(data_dir, [run_dir], result_path, args.parser)
+    evaluate(data_dir, [folder], result_path, args.parser)
     with open(result_path, encoding="utf-8") as file:
         metrics = json.load(file)
     metrics["train_seconds"] = train_seconds
@@ -129,12 +132,16 @@ def evaluate(data_dir, models, result_path, parser):
     run(command, result_path + ".log")
 
 
+def run_dir(args, name, seed):
+    return os.path.join(args.output_dir, slug(name), f"seed{seed}")
+
+
 def ensemble_metrics(args, data_dir, seed):
-    run_dir = os.path.join(args.output_dir, slug(ENSEMBLE), f"seed{seed}")
-    result_path = os.path.join(run_dir, "test_metrics.json")
+    folder = run_dir(args, ENSEMBLE, seed)
+    result_path = os.path.join(folder, "test_metrics.json")
     if not os.path.exists(result_path):
-        os.makedirs(run_dir, exist_ok=True)
-        members = [os.path.join(args.output_dir, slug(name), f"seed{seed}") for name in ("MPSM (dis)", "MPSM (dir)")]
+        os.makedirs(folder, exist_ok=True)
+        members = [run_dir(args, name, seed) for name in ("MPSM (dis)", "MPSM (dir)")]
         evaluate(data_dir, members, result_path, args.parser)
     with open(result_path, encoding="utf-8") as file:
         return json.load(file)
@@ -153,23 +160,24 @@ def summarise(results):
             values = [run[metric] for run in runs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[name][metric] = (statistics.fmean(values), spread)
+        summary[name]["seeds"] = len(runs)
     return summary
 
 
 def markdown_table(summary, seeds, steps):
     lines = [
-        f"Mean ± standard deviation over seeds {seeds}; {steps} updates per variant; synthetic test split "
-        "(500 images x 2,500 captions).",
+        f"Mean ± standard deviation over the seeds run (of {seeds}); {steps} updates per variant; synthetic test split "
+        "(300 images x 1,500 captions).",
         "",
-        "| table | variant | " + " | ".join(METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
+        "| table | variant | seeds | " + " | ".join(METRICS) + " |",
+        "|---|---|---|" + "---|" * len(METRICS),
     ]
     for table in TABLE_ORDER + ("ensemble",):
         for name, metrics in summary.items():
             if VARIANTS.get(name, ("ensemble",))[0] != table:
                 continue
             cells = [f"{mean:.1f} ± {spread:.1f}" for mean, spread in (metrics[m] for m in METRICS)]
-            lines.append(f"| {table} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {table} | {name} | {metrics['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -203,16 +211,19 @@ def main():
         if required not in names:
             names.append(required)
     jobs = [(name, seed) for seed in args.seeds for name in names]
+    if args.summarise_only:
+        jobs = [job for job in jobs if os.path.exists(os.path.join(run_dir(args, *job), "test_metrics.json"))]
+    results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {job: pool.submit(train_and_evaluate, args, data_dir, *job) for job in jobs}
-        results = {}
         for (name, seed), future in futures.items():
             metrics = future.result()
             results.setdefault(name, []).append(metrics)
             print(f"seed {seed} {name:45s} rsum {metrics['rsum']:6.1f}  ({metrics.get('train_seconds', 0):.0f} s)",
                   flush=True)
-    if want_ensemble:
-        results[ENSEMBLE] = [ensemble_metrics(args, data_dir, seed) for seed in args.seeds]
+    seeds = [seed for seed in args.seeds if (("MPSM (dis)", seed) in jobs and ("MPSM (dir)", seed) in jobs)]
+    if want_ensemble and seeds:
+        results[ENSEMBLE] = [ensemble_metrics(args, data_dir, seed) for seed in seeds]
     summary = summarise(results)
     table = markdown_table(summary, args.seeds, args.max_train_steps)
     print(table)
