@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: synthetic scenes -> train MPSM dis and dir -> evaluate dis, dir and MPSM* (Flickr30K protocol: every
-# test image against every test caption, on a 500-image synthetic test split) -> build the ensemble checkpoint -> text-to-image retrieval with a visual
-# explanation -> a dry run of publishing to the Hub. Everything lands in $OUT (default runs/main).
+# test image against every test caption, on a 500-image synthetic test split) -> build the ensemble checkpoint ->
+# text-to-image retrieval with a visual explanation -> a dry run of publishing to the Hub. Outputs in $OUT (runs/main).
 #
 # CPU-sized by default (embed 128, sim 32, 500 updates per member; about 15-20 minutes on 2 cores). Scale with
 # STEPS / SIZE / NUM_TEST, e.g. STEPS=3000 SIZE="embed_size=1024 sim_dim=256" NUM_TEST=1000 bash scripts/main_job.sh
