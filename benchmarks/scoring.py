@@ -6,7 +6,7 @@
 Captions follow Flickr30K's length distribution (log-normal words, mean ~12.5, +<start>/<end>); the model is randomly
 initialised (speed does not depend on the weights). Reported: pairs/s of (a) the SGRAF scheme (100 x 100 shards, a
 Python loop over captions, each caption scored against the shard's 100 images) and (b) the package path (length-bucketed
-blocks, eager and `torch.compile`, fp32 and bf16 autocast), FLOPs per pair (torch.utils.flop_counter), achieved GFLOP/s
+blocks, eager and `torch.compile`, fp32 and bf16), FLOPs per pair (torch.utils.flop_counter), achieved GFLOP/s
 against a 2048² matmul peak measured in the same run, peak RSS, the projected time of a 1000 x 5000 evaluation, and the
 agreement of bf16 with fp32 scores.
 """

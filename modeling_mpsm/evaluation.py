@@ -67,7 +67,7 @@ def fold_score_matrices(
         dataset (`datasets.Dataset`): image-level split (see `data.convert_to_arrow`).
         processor ([`MPSMProcessor`]): the model's processor.
         num_folds (`int`): 1 for the whole split, 5 for COCO 1K.
-        dtype (`torch.dtype`, *optional*): `torch.bfloat16` runs the per-pair part under autocast.
+        dtype (`torch.dtype`, *optional*): `torch.bfloat16` runs the per-pair part in bf16 (see `scoring.score_matrix`).
     """
     device = next(model.parameters()).device
     show = progress and (accelerator is None or accelerator.is_main_process)

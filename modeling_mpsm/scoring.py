@@ -10,7 +10,7 @@ Caches are [`MPSMImageOutput`] / [`MPSMTextOutput`] (or, for [`MPSMEnsembleModel
 holding all items, padded to a common number of regions / words.
 """
 
-import contextlib
+import copy
 import math
 
 import torch
@@ -121,10 +121,14 @@ def block_shape(num_images, num_texts, pairs_per_block):
     return block_images, block_texts
 
 
-def _autocast(device, dtype):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _cast_cache(cache, dtype):
+    """The cache with its floating-point tensors in `dtype` (masks and ids unchanged)."""
+    def cast(output):
+        return type(output)(**{
+            name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+            for name, value in output.items()
+        })
+    return _map_outputs(cast, cache)
 
 
 @torch.no_grad()
@@ -136,6 +140,12 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     Returns:
         `torch.FloatTensor` [I, T] (float32, on the device of the caches).
     """
+    if dtype is not None and dtype != torch.float32:
+        # A copy of the model and the caches in `dtype`: half the memory traffic of the element-wise passes, which
+        # dominate; measured 1.6x the pairs/s of autocast in bf16 on CPU, scores within ~4e-3 of fp32.
+        model = copy.deepcopy(model).to(dtype)
+        images, texts = _cast_cache(images, dtype), _cast_cache(texts, dtype)
+    bytes_per_float = torch.finfo(dtype or torch.float32).bits // 8
     text_output = _first_member(texts)
     num_regions = _first_member(images).region_mask.shape[1]
     lengths = text_output.attention_mask.sum(1)
@@ -147,9 +157,10 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
     bar = tqdm(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
     start = 0
-    with _autocast(device, dtype), bar:
+    with bar:
         while start < num_texts:  # caption groups, longest first; a group's block size follows its longest caption
-            pairs = max_pairs_per_block or max(1, max_block_bytes // pair_bytes(model, num_regions, sorted_lengths[start]))
+            block_bytes = pair_bytes(model, num_regions, sorted_lengths[start]) * bytes_per_float // 4
+            pairs = max_pairs_per_block or max(1, max_block_bytes // block_bytes)
             block_images, block_texts = block_shape(num_images, num_texts - start, pairs)
             columns = order[start : start + block_texts]
             text_block = select_items(texts, columns)
@@ -174,7 +185,8 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         max_block_bytes (`int`): memory bound of one block of pairs; sets the block size, so that peak memory beyond
             the cached per-item tensors does not grow with the gallery. The scores do not depend on it.
         max_pairs_per_block (`int`, *optional*): explicit block size, overriding `max_block_bytes`.
-        dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part under autocast.
+        dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part in that dtype, on a
+            copy of the model and of the caches (faster than autocast: the element-wise passes dominate).
         compile (`bool`): runs the per-pair part through `torch.compile` (fused elementwise kernels; the first blocks
             pay the compilation, seconds to a minute, so it pays off on large matrices).
         progress (`bool`): tqdm progress bars, on the main process only.

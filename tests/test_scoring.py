@@ -106,7 +106,7 @@ def test_memory_bound_sets_block_size_not_scores():
     torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
 
 
-def test_bf16_autocast_agrees_with_fp32_ranking():
+def test_bf16_scoring_agrees_with_fp32_ranking_and_leaves_the_model_alone():
     model = tiny_model(3)
     image_batches, text_batches = tiny_batches(12, 20, seed=1)
     images = encode_images(model, image_batches, progress=False)
@@ -117,6 +117,8 @@ def test_bf16_autocast_agrees_with_fp32_ranking():
     ranks = lambda x: x.argsort(1).argsort(1).float()  # noqa: E731
     spearman = torch.corrcoef(torch.stack([ranks(fp32.T).flatten(), ranks(bf16.T).flatten()]))[0, 1]
     assert spearman > 0.9
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert images.region_embeds.dtype == torch.float32 and texts.word_embeds.dtype == torch.float32
 
 
 SHARDED_SCRIPT = textwrap.dedent(
