@@ -558,7 +558,9 @@ class MPSMSimilarityHead(nn.Module):
             readout = nodes[:, 0]
         else:
             readout = masked_mean(nodes, mask)
-        return torch.sigmoid(self.evaluate(readout).squeeze(-1))
+        # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
+        # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
+        return torch.sigmoid(self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1))
 
 
 # --------------------------------------------------------------------------------------------------------------
