@@ -641,6 +641,8 @@ class MPSMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
+    _keep_in_fp32_modules_strict = ["evaluate"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

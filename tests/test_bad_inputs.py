@@ -82,15 +82,6 @@ def copy_scan(source, target, splits=("train", "dev", "test")):
     return str(target)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bad_inputs") / "data"
-    subprocess.run([sys.executable, "-m", "modeling_mpsm.synthetic", "--output_dir", str(path), "--num_train", "20",
-                    "--num_dev", "10", "--num_test", "10", "--feature_dim", "16"],
-                   check=True, capture_output=True, env=env(), timeout=120)
-    return str(path)
-
-
 def save_model(directory, data_dir, img_dim=16, min_count=1):
     """A tiny untrained model with its processor, as a training run saves them."""
     split = ScanSplit(data_dir, "train")

@@ -35,15 +35,6 @@ def env():
     return {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "data"
-    subprocess.run([sys.executable, "-m", "modeling_mpsm.synthetic", "--output_dir", str(path), "--num_train", "20",
-                    "--num_dev", "10", "--num_test", "10", "--feature_dim", "16"],
-                   check=True, capture_output=True, env=env(), timeout=120)
-    return str(path)
-
-
 def train_command(data_dir, output_dir, *extra):
     """12 updates of a tiny model (embed 16), a checkpoint every 2 updates, validation after epoch 1 (update 10)."""
     return [sys.executable, TRAIN_SCRIPT, "--data_dir", data_dir, "--output_dir", str(output_dir), "--parser",
