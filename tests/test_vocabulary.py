@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,14 @@ from hypothesis import strategies as st
 from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary, tokenize_caption
 
 
-# The real Flickr30K SCAN vocabulary lives in ../shared beside the repository (as in CI).
-F30K_VOCAB = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "f30k_precomp_vocab.json")
+# The real Flickr30K SCAN vocabulary lives in ../shared beside the repository (as in CI); $MPSM_SHARED_DIR or the
+# workplace's /work/shared otherwise (a clone elsewhere).
+SHARED_DIRS = [os.environ.get("MPSM_SHARED_DIR", ""), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
+F30K_VOCAB = next(
+    (str(Path(d) / "data" / "f30k_precomp_vocab.json") for d in SHARED_DIRS
+     if d and (Path(d) / "data" / "f30k_precomp_vocab.json").is_file()),
+    str(Path(__file__).resolve().parents[2] / "shared" / "data" / "f30k_precomp_vocab.json"),
+)
 
 
 @pytest.fixture(scope="module")
