@@ -10,11 +10,8 @@ Caches are [`MPSMImageOutput`] / [`MPSMTextOutput`] (or, for [`MPSMEnsembleModel
 holding all items, padded to a common number of regions / words.
 """
 
-import contextlib
 import copy
-import ctypes
 import math
-import platform
 
 import torch
 import torch.nn.functional as F
@@ -125,35 +122,6 @@ def block_shape(num_images, num_texts, pairs_per_block):
     return block_images, block_texts
 
 
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-RETAINED_HEAP_BYTES = 2**30
-
-
-@contextlib.contextmanager
-def retained_heap(enabled=True):
-    """
-    Keeps freed memory in the process heap for the duration of the block (glibc, i.e. Linux; elsewhere a no-op).
-
-    Each block of pairs allocates tensors of tens of MB. glibc serves allocations that large with fresh `mmap`s, whose
-    pages fault in (zeroed) on first touch and are unmapped on free: on CPU, that page traffic cost more than the
-    arithmetic (measured at paper size, bf16: 5.2k -> 12.2k pairs/s). Raising glibc's mmap and trim thresholds to 1 GiB
-    lets every block reuse the pages of the previous one. On exit the free heap is returned to the OS
-    (`malloc_trim`); the raised thresholds stay for the rest of the process, as if `MALLOC_MMAP_THRESHOLD_` and
-    `MALLOC_TRIM_THRESHOLD_` had been set in its environment.
-    """
-    libc = None
-    if enabled and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, RETAINED_HEAP_BYTES)
-        libc.mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.malloc_trim(0)
-
-
 def _cast_cache(cache, dtype):
     """The cache with its floating-point tensors in `dtype` (masks and ids unchanged)."""
     def cast(output):
@@ -166,7 +134,7 @@ def _cast_cache(cache, dtype):
 
 @torch.no_grad()
 def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
-               dtype=None, compile=False, retain_heap=True, progress=True):
+               dtype=None, compile=False, progress=True):
     """
     Scores every image of `images` against every caption of `texts` in one process; see `score_matrix`.
 
@@ -193,7 +161,7 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
     bar = tqdm(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
     start = 0
-    with bar, retained_heap(retain_heap and device.type == "cpu"):
+    with bar:
         while start < num_texts:  # caption groups, longest first; a group's block size follows its longest caption
             block_bytes = pair_bytes(model, num_regions, sorted_lengths[start]) * bytes_per_float // 4
             pairs = max_pairs_per_block or max(1, max_block_bytes // block_bytes)
@@ -208,8 +176,39 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     return scores
 
 
+@torch.no_grad()
+def refine_top_k(model, images, texts, scores, k, progress=True):
+    """
+    Re-scores with `model` (float32) the `k` best captions of every image, then the `k` best images of every caption,
+    of a score matrix computed in reduced precision; `scores` [I, T] is updated in place and returned.
+
+    One model call per query, batched over its k candidates: (I + T) * k pairs. Rankings within the first K <= k then
+    follow the float32 scores, unless a float32 top-K item ranked below k in reduced precision.
+    """
+    num_images, num_texts = scores.shape
+    k_texts, k_images = min(k, num_texts), min(k, num_images)
+    bar = tqdm(total=num_images + num_texts, desc="refining top k", disable=not progress)
+    with bar:
+        for image, candidates in enumerate(scores.topk(k_texts, dim=1).indices):  # image-to-text
+            scores[image, candidates] = model.similarity(
+                select_items(images, slice(image, image + 1)), select_items(texts, candidates.to(_device(texts)))
+            )[0].float().to(scores.device)
+            bar.update()
+        for text, candidates in enumerate(scores.topk(k_images, dim=0).indices.T):  # text-to-image
+            scores[candidates, text] = model.similarity(
+                select_items(images, candidates.to(_device(images))), select_items(texts, slice(text, text + 1))
+            )[:, 0].float().to(scores.device)
+            bar.update()
+    return scores
+
+
+def _device(cache):
+    output = _first_member(cache)
+    return (output.region_mask if isinstance(output, MPSMImageOutput) else output.attention_mask).device
+
+
 def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,
-                 dtype=None, compile=False, retain_heap=True, progress=True, accelerator=None):
+                 dtype=None, refine_k=20, compile=False, progress=True, accelerator=None):
     """
     Matching scores of every image against every caption, [N_img, N_txt], float32.
 
@@ -223,15 +222,18 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         max_pairs_per_block (`int`, *optional*): explicit block size, overriding `max_block_bytes`.
         dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part in that dtype, on a
             copy of the model and of the caches (faster than autocast: the element-wise passes dominate).
+        refine_k (`int`): with a reduced `dtype`, the `refine_k` best captions of every image and best images of every
+            caption are then re-scored in float32 (`refine_top_k`), so that R@K for K <= refine_k matches float32
+            scoring (0: no refinement). Costs (N_img + N_txt) * refine_k pairs.
         compile (`bool`): runs the per-pair part through `torch.compile` (fused elementwise kernels; the first blocks
             pay the compilation, seconds to a minute, so it pays off on large matrices).
-        retain_heap (`bool`): on CPU with glibc, keeps freed memory in the heap while scoring, so that blocks reuse
-            their pages instead of faulting fresh ones in (2x the pairs/s at paper size); see `retained_heap`.
         progress (`bool`): tqdm progress bars, on the main process only.
         accelerator (`accelerate.Accelerator`, *optional*): shards the rows (images) over its processes and gathers
             the matrix; every process returns the full matrix. Destroy the process group when done
             (`torch.distributed.destroy_process_group()`): gloo may abort at interpreter exit otherwise.
     """
+    if isinstance(refine_k, bool) or not isinstance(refine_k, int) or refine_k < 0:
+        raise ValueError(f"`refine_k` must be an int >= 0 (0: no refinement), got {refine_k!r}")
     is_main = accelerator is None or accelerator.is_main_process
     was_training = model.training
     model.eval()
@@ -241,14 +243,19 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         if not is_cache(texts):
             texts = encode_texts(model, texts, progress=progress and is_main)
         options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
-                       compile=compile, retain_heap=retain_heap, progress=progress and is_main)
+                       compile=compile, progress=progress and is_main)
         if accelerator is None or accelerator.num_processes == 1:
-            return score_rows(model, images, texts, **options)
-        num_images = num_items(images)
-        shard = math.ceil(num_images / accelerator.num_processes)
-        start = min(accelerator.process_index * shard, num_images)
-        rows = score_rows(model, select_items(images, slice(start, start + shard)), texts, **options)
-        rows = F.pad(rows, (0, 0, 0, shard - len(rows)))  # equal shapes for the gather (uneven splits)
-        return accelerator.gather(rows)[:num_images]
+            scores = score_rows(model, images, texts, **options)
+        else:
+            num_images = num_items(images)
+            shard = math.ceil(num_images / accelerator.num_processes)
+            start = min(accelerator.process_index * shard, num_images)
+            rows = score_rows(model, select_items(images, slice(start, start + shard)), texts, **options)
+            rows = F.pad(rows, (0, 0, 0, shard - len(rows)))  # equal shapes for the gather (uneven splits)
+            scores = accelerator.gather(rows)[:num_images]
+        if dtype is not None and dtype != torch.float32 and refine_k > 0:
+            # every process refines the whole gathered matrix: the same pairs, hence the same result everywhere
+            scores = refine_top_k(model, images, texts, scores, refine_k, progress=progress and is_main)
+        return scores
     finally:
         model.train(was_training)

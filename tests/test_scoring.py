@@ -13,6 +13,7 @@ from modeling_mpsm.scoring import (
     encode_texts,
     num_items,
     pair_bytes,
+    refine_top_k,
     score_matrix,
     select_items,
 )
@@ -112,13 +113,34 @@ def test_bf16_scoring_agrees_with_fp32_ranking_and_leaves_the_model_alone():
     images = encode_images(model, image_batches, progress=False)
     texts = encode_texts(model, text_batches, progress=False)
     fp32 = score_matrix(model, images, texts, progress=False)
-    bf16 = score_matrix(model, images, texts, dtype=torch.bfloat16, progress=False)
-    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() < 0.05
+    bf16 = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=0, progress=False)
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.05
     ranks = lambda x: x.argsort(1).argsort(1).float()  # noqa: E731
     spearman = torch.corrcoef(torch.stack([ranks(fp32.T).flatten(), ranks(bf16.T).flatten()]))[0, 1]
     assert spearman > 0.9
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
     assert images.region_embeds.dtype == torch.float32 and texts.word_embeds.dtype == torch.float32
+
+
+def test_refinement_rescores_the_reduced_precision_top_k_in_float32():
+    model = tiny_model(3)
+    image_batches, text_batches = tiny_batches(12, 20, seed=1)
+    images = encode_images(model, image_batches, progress=False)
+    texts = encode_texts(model, text_batches, progress=False)
+    fp32 = score_matrix(model, images, texts, progress=False)
+    raw = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=0, progress=False)
+    refined = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=3, progress=False)
+    exact = (refined - fp32).abs() <= 1e-6
+    # the 3 best captions of every image (by the bf16 scores) were re-scored in float32 ...
+    assert exact.gather(1, raw.topk(3, dim=1).indices).all()
+    # ... so were 3 images of every caption; every other entry kept its bf16 score
+    assert (exact.sum(0) >= 3).all() and exact.sum() >= 20 * 3
+    assert torch.equal(refined[~exact], raw[~exact]) and not exact.all()
+    # the function itself, on a copy: k as large as the matrix re-scores everything
+    torch.testing.assert_close(refine_top_k(model, images, texts, raw.clone(), k=20, progress=False), fp32,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="refine_k"):
+        score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=-1, progress=False)
 
 
 SHARDED_SCRIPT = textwrap.dedent(
