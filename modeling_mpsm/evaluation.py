@@ -55,6 +55,7 @@ def fold_score_matrices(
     dtype: torch.dtype | None = None,
     accelerator=None,
     progress: bool = True,
+    **score_options,
 ) -> list[torch.Tensor]:
     """
     Similarity matrices of the folds of an evaluation split, each `[fold images, 5 * fold images]` (float32, CPU).
@@ -68,6 +69,7 @@ def fold_score_matrices(
         processor ([`MPSMProcessor`]): the model's processor.
         num_folds (`int`): 1 for the whole split, 5 for COCO 1K.
         dtype (`torch.dtype`, *optional*): `torch.bfloat16` runs the per-pair part in bf16 (see `scoring.score_matrix`).
+        score_options: further keyword arguments of `scoring.score_matrix` (`refine_k`, `compile`, `max_block_bytes`).
     """
     device = next(model.parameters()).device
     show = progress and (accelerator is None or accelerator.is_main_process)
@@ -84,7 +86,7 @@ def fold_score_matrices(
         captions = slice(fold.start * CAPTIONS_PER_IMAGE, fold.stop * CAPTIONS_PER_IMAGE)
         matrix = score_matrix(
             model, select_items(images, fold), select_items(texts, captions),
-            dtype=dtype, progress=show, accelerator=accelerator,
+            dtype=dtype, progress=show, accelerator=accelerator, **score_options,
         )
         matrices.append(matrix.cpu())
     return matrices

@@ -11,7 +11,9 @@ from modeling_mpsm.modeling_mpsm import (
     MPSMSimilarityRepresentation,
     MPSMSpatialKernels,
     MPSMSRGRStep,
+    add_linear,
     chain_adjacency,
+    cross_attention,
     semantic_knowledge_graph,
     triplet_loss,
 )
@@ -184,6 +186,52 @@ def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
     assert torch.allclose(backward_edges[0], expected / expected.sum(-1, keepdim=True), atol=1e-6)
     out = step(nodes, mask)
     assert out.shape == nodes.shape and torch.isfinite(out).all()
+
+
+def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
+    torch.manual_seed(1)
+    step = MPSMSRGRStep(tiny_config()).eval()
+    nodes = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    forward_edges, backward_edges = step.edges(nodes, mask)
+    forward_nodes = (forward_edges @ nodes) @ step.out_message.weight.T  # eq 17
+    backward_nodes = (backward_edges @ nodes) @ step.in_message.weight.T
+    gate = torch.sigmoid(torch.cat([forward_nodes, backward_nodes], -1) @ step.gate.weight.T + step.gate.bias)  # eq 18
+    forward_nodes = (gate * forward_nodes) @ step.out_refine.weight.T + forward_nodes  # eq 19
+    backward_nodes = (gate * backward_nodes) @ step.in_refine.weight.T + backward_nodes
+    expected = (forward_nodes + backward_nodes) @ step.merge.weight.T + step.merge.bias  # eq 20
+    with torch.no_grad():  # matmuls accumulate in place
+        torch.testing.assert_close(step(nodes, mask), expected.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(step(nodes, mask, first_only=True), expected[:, :1].detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(step(nodes, mask), expected, atol=1e-6, rtol=0)  # autograd: out of place
+    gradient = torch.autograd.grad(step(nodes, mask).sum(), step.gate.weight)[0]
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected.sum(), step.gate.weight)[0])
+
+
+def test_add_linear_accumulates_in_place_only_without_autograd():
+    target, inputs, weight = torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(4, 5, requires_grad=True)
+    expected = target + inputs @ weight.T
+    with torch.no_grad():
+        result = add_linear(target.clone(), inputs, weight)
+        same = target.clone()
+        assert add_linear(same, inputs, weight).data_ptr() == same.data_ptr()
+    torch.testing.assert_close(result, expected.detach())
+    kept = target.clone()
+    result = add_linear(kept, inputs, weight)
+    assert result.requires_grad and torch.equal(kept, target)  # autograd needs `target` unchanged
+    torch.testing.assert_close(result, expected)
+
+
+def test_attended_keys_are_unit_norm_sums_of_the_attention():
+    """The norms of the attended sums come from the keys' Gram matrix; the result is l2norm(Σ_b a_b k_b)."""
+    torch.manual_seed(2)
+    words, regions = torch.randn(4, 5, 16), torch.randn(3, 6, 16)
+    word_mask = torch.arange(5) < torch.tensor([5, 3, 1, 4])[:, None]
+    region_mask = torch.arange(6) < torch.tensor([6, 2, 4])[:, None]
+    attended, attention = cross_attention(words, word_mask, regions, region_mask, 9.0, False)
+    direct = torch.einsum("itab,ibd->itad", attention, regions)
+    torch.testing.assert_close(attended, direct / direct.norm(dim=-1, keepdim=True), atol=1e-5, rtol=0)
+    assert attention.shape == (3, 4, 5, 6) and attention[1, :, :, 2:].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------------- eq 21
