@@ -44,6 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_block_bytes", type=int, default=None, help="default: scoring.DEFAULT_MAX_BLOCK_BYTES")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile runs")
+    parser.add_argument("--plot", help="also draw pairs/s and % of peak per method to this PNG")
     return parser.parse_args(argv)
 
 
@@ -100,6 +101,32 @@ def sgraf_scheme(model, images, texts, shard=100):
                 for j in range(t, min(t + shard, num_texts)):
                     scores[i : i + shard, j] = model.similarity(shard_images, select_items(texts, slice(j, j + 1)))[:, 0]
     return scores
+
+
+def plot(rates, percent_of_peak, path, title):
+    """Bar chart of pairs/s per method (with its share of the matmul peak), against the 4x-the-SGRAF-scheme target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rates)
+    figure, axis = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.6))
+    bars = axis.barh(range(len(labels)), [rates[label] for label in labels],
+                     color=["tab:gray" if label == "SGRAF scheme" else "tab:blue" for label in labels])
+    for bar, label in zip(bars, labels):
+        axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                  f" {rates[label]:,.0f} ({percent_of_peak[label]:.0f}% of peak)", va="center", fontsize=9)
+    axis.axvline(4 * rates["SGRAF scheme"], color="black", linestyle="--", linewidth=1, label="4x the SGRAF scheme")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.invert_yaxis()
+    axis.set_xlabel("pairs scored per second")
+    axis.set_title(title, fontsize=10)
+    axis.set_xlim(0, max(1.35 * max(rates.values()), 4.2 * rates["SGRAF scheme"]))
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def rank_agreement(reference, other, ks=(1, 5, 10)):
@@ -184,17 +211,23 @@ def main(argv=None):
     print(f"best of {args.rounds} interleaved rounds; matmul peak (best seen): fp32 {peak['fp32']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16']:.0f} GFLOP/s")
     sgraf_rate = rates["SGRAF scheme"]
+    percent_of_peak = {}
     for label, rate in rates.items():
         precision = "bf16" if label.startswith("bf16") else "fp32"
         achieved = flops_per_pair * rate / 1e9
+        percent_of_peak[label] = 100 * achieved / peak[precision]
         where = "(a) SGRAF scheme, fp32 eager" if label == "SGRAF scheme" else f"(b) package path, {label}"
         extra = f", compile {compile_times[precision]:.0f} s" if label.endswith("compiled") else ""
         print(f"{where:34s}: {rate:7.0f} pairs/s, x{rate / sgraf_rate:5.2f} the SGRAF scheme, {achieved:4.0f} GFLOP/s "
-              f"= {100 * achieved / peak[precision]:3.0f}% of {precision} peak{extra}")
+              f"= {percent_of_peak[label]:3.0f}% of {precision} peak{extra}")
     print(f"peak RSS: {rss_before:.0f} MB before the timed rounds, {peak_rss_mb():.0f} MB after "
           f"(caches: {sum(v.numel() * v.element_size() for v in images.values()) / 2**20:.0f} MB images, "
           f"{sum(v.numel() * v.element_size() for v in texts.values()) / 2**20:.0f} MB captions)")
 
+    if args.plot:
+        plot(rates, percent_of_peak, args.plot, f"MPSM scoring, embed {config.embed_size}, sim {config.sim_dim}, "
+             f"{num_images} x {num_texts} pairs, {args.threads} threads")
+        print(f"plot: {args.plot}")
     fp32 = results["fp32 eager"]
     assert (fp32[:, : reference.shape[1]] - reference).abs().max() < 1e-4, "package path disagrees with SGRAF scheme"
     best_label, best_rate = max(rates.items(), key=lambda item: item[1])

@@ -823,7 +823,7 @@ class MPSMModel(MPSMPreTrainedModel):
                 attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
                 local_pairs = (attended, words)  # [I, T, L, d], [T, L, d]
                 local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-                local_weights = (  # seed 002 weighs the word nodes; otherwise the weights are the mask
+                local_weights = (  # seed 002 weighs the word nodes; otherwise `local_mask` alone drops padding
                     word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
                     if self.config.word_self_attention else None
                 )
