@@ -170,11 +170,17 @@ def test_distance_and_direction_representations():
 
 
 # ----------------------------------------------------------------------------------------------------- eq 16-20
-def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
-    torch.manual_seed(0)
+def srgr_case(seed):
+    """An SRGR step in eval mode and nodes [3 pairs, 5 nodes, 8] with 5, 3 and 1 valid nodes."""
+    torch.manual_seed(seed)
     step = MPSMSRGRStep(tiny_config()).eval()
     nodes = torch.randn(3, 5, 8)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    return step, nodes, mask
+
+
+def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
+    step, nodes, mask = srgr_case(0)
     forward_edges, backward_edges = step.edges(nodes, mask)
     for edges in (forward_edges, backward_edges):
         assert torch.allclose(edges.sum(-1), torch.ones(3, 5), atol=1e-6)
@@ -189,10 +195,7 @@ def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
 
 
 def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
-    torch.manual_seed(1)
-    step = MPSMSRGRStep(tiny_config()).eval()
-    nodes = torch.randn(3, 5, 8)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    step, nodes, mask = srgr_case(1)
     forward_edges, backward_edges = step.edges(nodes, mask)
     forward_nodes = (forward_edges @ nodes) @ step.out_message.weight.T  # eq 17
     backward_nodes = (backward_edges @ nodes) @ step.in_message.weight.T

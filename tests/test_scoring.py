@@ -107,13 +107,19 @@ def test_memory_bound_sets_block_size_not_scores():
     torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
 
 
-def test_bf16_scoring_agrees_with_fp32_ranking_and_leaves_the_model_alone():
+def scored_in_fp32_and_bf16():
+    """A tiny model, caches of 12 images and 20 captions, and their fp32 and raw bf16 (no re-scoring) matrices."""
     model = tiny_model(3)
     image_batches, text_batches = tiny_batches(12, 20, seed=1)
     images = encode_images(model, image_batches, progress=False)
     texts = encode_texts(model, text_batches, progress=False)
     fp32 = score_matrix(model, images, texts, progress=False)
     bf16 = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=0, progress=False)
+    return model, images, texts, fp32, bf16
+
+
+def test_bf16_scoring_agrees_with_fp32_ranking_and_leaves_the_model_alone():
+    model, images, texts, fp32, bf16 = scored_in_fp32_and_bf16()
     assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).abs().max() < 0.05
     ranks = lambda x: x.argsort(1).argsort(1).float()  # noqa: E731
     spearman = torch.corrcoef(torch.stack([ranks(fp32.T).flatten(), ranks(bf16.T).flatten()]))[0, 1]
@@ -123,12 +129,7 @@ def test_bf16_scoring_agrees_with_fp32_ranking_and_leaves_the_model_alone():
 
 
 def test_refinement_rescores_the_reduced_precision_top_k_in_float32():
-    model = tiny_model(3)
-    image_batches, text_batches = tiny_batches(12, 20, seed=1)
-    images = encode_images(model, image_batches, progress=False)
-    texts = encode_texts(model, text_batches, progress=False)
-    fp32 = score_matrix(model, images, texts, progress=False)
-    raw = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=0, progress=False)
+    model, images, texts, fp32, raw = scored_in_fp32_and_bf16()
     refined = score_matrix(model, images, texts, dtype=torch.bfloat16, refine_k=3, progress=False)
     exact = (refined - fp32).abs() <= 1e-6
     # the 3 best captions of every image (by the bf16 scores) were re-scored in float32 ...
