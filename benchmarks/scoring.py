@@ -123,7 +123,7 @@ def plot(rates, percent_of_peak, path, title):
     axis.set_xlabel("pairs scored per second")
     axis.set_title(title, fontsize=10)
     axis.set_xlim(0, max(1.35 * max(rates.values()), 4.2 * rates["SGRAF scheme"]))
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
