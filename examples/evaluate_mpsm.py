@@ -28,6 +28,7 @@ from modeling_mpsm.data import load_split
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
+from modeling_mpsm.training import write_atomic
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
@@ -137,16 +138,8 @@ def evaluate_and_report(args, accelerator) -> int:
         for path, member_metrics in members.items():
             print(f"member {path}:\n{format_table(member_metrics)}")
         print(("MPSM* (mean of both):\n" if members else "") + format_table(metrics))
-        if args.output_json:  # written whole or not at all: through a temporary file renamed into place
-            temporary = os.path.join(os.path.dirname(os.path.abspath(args.output_json)),
-                                     f".tmp-{os.path.basename(args.output_json)}")
-            try:
-                with open(temporary, "w", encoding="utf-8") as file:
-                    json.dump(results, file, indent=2)
-                os.replace(temporary, args.output_json)
-            finally:
-                if os.path.exists(temporary):
-                    os.remove(temporary)
+        if args.output_json:  # written whole or not at all
+            write_atomic(args.output_json, lambda file: json.dump(results, file, indent=2))
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import ModelOutput
 
 from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
-from .scoring import concatenate_outputs, encode_images, encode_texts, num_items, select_items
+from .scoring import _first_member, concatenate_outputs, encode_images, encode_texts, num_items, select_items
 
 try:
     import faiss
@@ -63,8 +63,7 @@ class MPSMIndex:
     @property
     def kind(self):
         """The kind of items held: "image" or "text"."""
-        first = self.cache if isinstance(self.cache, ModelOutput) else next(iter(self.cache.values()))
-        return "image" if isinstance(first, MPSMImageOutput) else "text"
+        return "image" if isinstance(_first_member(self.cache), MPSMImageOutput) else "text"
 
     def add(self, cache, metadata=None):
         """Appends the items of `cache` (same kind and members) with their metadata (default: their positions)."""

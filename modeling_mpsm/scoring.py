@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
-from .modeling_mpsm import MPSMImageOutput, MPSMSimilarityHead, MPSMTextOutput
+from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
 
 
 def is_cache(value):
@@ -70,10 +70,15 @@ def select_items(cache, index):
     return _map_outputs(lambda output: type(output)(**{name: value[index] for name, value in output.items()}), cache)
 
 
+def _item_mask(cache):
+    """The mask of a cache's items, [items, regions or words] (of the first member for an ensemble)."""
+    output = _first_member(cache)
+    return output.region_mask if isinstance(output, MPSMImageOutput) else output.attention_mask
+
+
 def num_items(cache):
     """Number of images or captions held by a cache."""
-    output = _first_member(cache)
-    return len(output.region_mask if isinstance(output, MPSMImageOutput) else output.attention_mask)
+    return len(_item_mask(cache))
 
 
 @torch.no_grad()
@@ -122,6 +127,18 @@ def block_shape(num_images, num_texts, pairs_per_block):
     return block_images, block_texts
 
 
+def _copy_in_dtype(model, dtype):
+    """A copy of `model` in `dtype`, but for the modules its classes keep in float32 (`_keep_in_fp32_modules_strict`:
+    MPSM's score read-out, whose bf16 scores would tie near the top of a ranking)."""
+    model = copy.deepcopy(model).to(dtype)
+    for owner in model.modules():
+        kept = getattr(owner, "_keep_in_fp32_modules_strict", None) or ()
+        for name, module in owner.named_modules():
+            if name.rsplit(".", 1)[-1] in kept:
+                module.float()
+    return model
+
+
 def _cast_cache(cache, dtype):
     """The cache with its floating-point tensors in `dtype` (masks and ids unchanged)."""
     def cast(output):
@@ -144,10 +161,7 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     if dtype is not None and dtype != torch.float32:
         # A copy of the model and the caches in `dtype`: half the memory traffic of the element-wise passes, which
         # dominate; measured 1.6x the pairs/s of autocast in bf16 on CPU, scores within ~4e-3 of fp32.
-        model = copy.deepcopy(model).to(dtype)
-        for module in model.modules():  # the score read-out stays in float32 (ties otherwise, see MPSMSimilarityHead)
-            if isinstance(module, MPSMSimilarityHead):
-                module.evaluate.float()
+        model = _copy_in_dtype(model, dtype)
         images, texts = _cast_cache(images, dtype), _cast_cache(texts, dtype)
     bytes_per_float = torch.finfo(dtype or torch.float32).bits // 8
     text_output = _first_member(texts)
@@ -191,20 +205,15 @@ def refine_top_k(model, images, texts, scores, k, progress=True):
     with bar:
         for image, candidates in enumerate(scores.topk(k_texts, dim=1).indices):  # image-to-text
             scores[image, candidates] = model.similarity(
-                select_items(images, slice(image, image + 1)), select_items(texts, candidates.to(_device(texts)))
+                select_items(images, slice(image, image + 1)), select_items(texts, candidates.to(_item_mask(texts).device))
             )[0].float().to(scores.device)
             bar.update()
         for text, candidates in enumerate(scores.topk(k_images, dim=0).indices.T):  # text-to-image
             scores[candidates, text] = model.similarity(
-                select_items(images, candidates.to(_device(images))), select_items(texts, slice(text, text + 1))
+                select_items(images, candidates.to(_item_mask(images).device)), select_items(texts, slice(text, text + 1))
             )[:, 0].float().to(scores.device)
             bar.update()
     return scores
-
-
-def _device(cache):
-    output = _first_member(cache)
-    return (output.region_mask if isinstance(output, MPSMImageOutput) else output.attention_mask).device
 
 
 def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None,

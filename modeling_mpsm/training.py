@@ -124,10 +124,19 @@ def use_max_violation(step: int, warmup_steps: int, max_violation: bool = True) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str, text: str):
-    """Writes `text` to `path` through a temporary file in the same directory and `os.replace`."""
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".tmp-", delete=False) as file:
-        file.write(text)
+def write_atomic(path: str, write):
+    """
+    `write(file)` into a temporary text file in the directory of `path`, then `os.replace` onto `path`: readers see
+    the old file or the whole new one. On failure (e.g. a full disk midway) the temporary file is removed.
+    """
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", delete=False,
+                                     encoding="utf-8") as file:
+        try:
+            write(file)
+        except BaseException:
+            file.close()
+            os.remove(file.name)
+            raise
     os.chmod(file.name, 0o644)
     os.replace(file.name, path)
 
@@ -191,7 +200,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)  # only when a step is saved twice (same state)
         os.rename(temporary, final)
-        _write_atomic(os.path.join(root, LATEST_FILE), f"step_{step}\n")
+        write_atomic(os.path.join(root, LATEST_FILE), lambda file: file.write(f"step_{step}\n"))
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -266,7 +275,7 @@ class TrainingLog:
         """Drops the records after `step` (written by an interrupted run after its last checkpoint)."""
         if self.enabled:
             kept = [record for record in self.records() if record["step"] <= step]
-            _write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            write_atomic(self.path, lambda file: file.writelines(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict):
         if self.enabled:

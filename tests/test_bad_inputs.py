@@ -366,27 +366,20 @@ def test_training_cli_missing_dev_split(data_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_training_cli_resume_without_checkpoint(data_dir, tmp_path, capsys):
-    result = train(data_dir, tmp_path / "run", "--resume_from_checkpoint", "latest", capsys=capsys)
-    assert_user_error(result, "error: No checkpoint to resume from:", "checkpoints/latest does not exist")
-    assert not (tmp_path / "run").exists()
-
-
-def test_training_cli_batch_larger_than_the_data(data_dir, tmp_path, capsys):
-    result = train(data_dir, tmp_path / "run", "--batch_size", "1000", capsys=capsys)
-    assert_user_error(result, "error: The training split has fewer captions per process than --batch_size 1000")
-    assert not (tmp_path / "run").exists()
-
-
-def test_training_cli_bad_model_setting(data_dir, tmp_path, capsys):
-    result = train(data_dir, tmp_path / "run", "--set", "kgid_layers=-1", capsys=capsys)
-    assert_user_error(result, "error:", "kgid_layers")
-    assert not (tmp_path / "run").exists()
-
-
-def test_training_cli_missing_config_file(data_dir, tmp_path, capsys):
-    result = train(data_dir, tmp_path / "run", "--config", tmp_path / "nowhere.json", capsys=capsys)
-    assert_user_error(result, "--config", "nowhere.json: cannot read a JSON configuration")
+@pytest.mark.parametrize(
+    "arguments, messages",
+    [
+        (("--resume_from_checkpoint", "latest"),
+         ("error: No checkpoint to resume from:", "checkpoints/latest does not exist")),
+        (("--batch_size", "1000"), ("error: The training split has fewer captions per process than --batch_size 1000",)),
+        (("--set", "kgid_layers=-1"), ("error:", "kgid_layers")),
+        (("--config", "{tmp}/nowhere.json"), ("--config", "nowhere.json: cannot read a JSON configuration")),
+    ],
+    ids=["resume-without-checkpoint", "batch-larger-than-the-data", "bad-model-setting", "missing-config-file"],
+)
+def test_training_cli_rejects_before_creating_the_run(data_dir, tmp_path, capsys, arguments, messages):
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    assert_user_error(train(data_dir, tmp_path / "run", *arguments, capsys=capsys), *messages)
     assert not (tmp_path / "run").exists()
 
 
