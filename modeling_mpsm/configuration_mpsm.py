@@ -38,6 +38,9 @@ class MPSMConfig(PretrainedConfig):
         sim_dim (`int`, 256): width m of the similarity representations (eq 10-15).
         kgid_layers (`int`, 3): number N of KGID layers (eq 5-9); 0 removes KGID (Table 3).
         visual_kgid / textual_kgid (`bool`): switch KGID per modality (Table 2: w/o V-KGID, w/o T-KGID).
+        kgid_gate (`bool`): the knowledge gate of eq 6-7; `False` (ablation) lets the disseminated knowledge replace
+            each node.
+        spatial_prior (`bool`): the visual spatial prior P_v from the boxes (eq 3); `False` (ablation) uses P_v = 1.
         srgr_steps (`int`, 3): rounds of similarity-relation graph reconstruction (eq 16-20).
         use_srgr (`bool`): `False` scores the similarity nodes without reasoning (Table 2: w/o SRGR).
         alignment (`str`): "global" (only v̄-t̄), "local" (only word-region nodes) or "multi" (both, the paper's).
@@ -46,6 +49,8 @@ class MPSMConfig(PretrainedConfig):
         lambda_softmax (`float`, 9.0): temperature λ of the graph edges (eq 1, 9) and of the text-guided attention.
         margin (`float`, 0.2): triplet margin γ (eq 21).
         max_violation (`bool`): hardest negatives in the batch (VSE++); `False` sums all violations.
+        hinge_on_logits (`bool`): the triplet hinge of eq 21 on the logits before σ (the default; rankings are the
+            same, σ being monotone, and the hinge keeps its gradient where σ saturates); `False` hinges the σ scores.
         num_spatial_kernels (`int`, 8): Gaussian kernels K over the polar coordinates of box offsets.
         dropout (`float`, 0.1): dropout in the global self-attention.
         global_loss_weight (`float`, 0.0): weight of an auxiliary InfoNCE loss on (v̄, t̄) that trains the
@@ -75,6 +80,8 @@ class MPSMConfig(PretrainedConfig):
         kgid_layers=3,
         visual_kgid=True,
         textual_kgid=True,
+        kgid_gate=True,
+        spatial_prior=True,
         srgr_steps=3,
         use_srgr=True,
         alignment="multi",
@@ -82,6 +89,7 @@ class MPSMConfig(PretrainedConfig):
         lambda_softmax=9.0,
         margin=0.2,
         max_violation=True,
+        hinge_on_logits=True,
         num_spatial_kernels=8,
         dropout=0.1,
         global_loss_weight=0.0,
@@ -106,6 +114,9 @@ class MPSMConfig(PretrainedConfig):
         _check_choice("textual_kgid", textual_kgid, (True, False))
         _check_choice("use_srgr", use_srgr, (True, False))
         _check_choice("max_violation", max_violation, (True, False))
+        _check_choice("hinge_on_logits", hinge_on_logits, (True, False))
+        _check_choice("kgid_gate", kgid_gate, (True, False))
+        _check_choice("spatial_prior", spatial_prior, (True, False))
         _check_choice("word_self_attention", word_self_attention, (True, False))
         _check_choice("text_guided_image_features", text_guided_image_features, (True, False))
         _check_choice("alignment", alignment, ("global", "local", "multi"))
@@ -128,6 +139,8 @@ class MPSMConfig(PretrainedConfig):
         self.kgid_layers = kgid_layers
         self.visual_kgid = visual_kgid
         self.textual_kgid = textual_kgid
+        self.kgid_gate = kgid_gate
+        self.spatial_prior = spatial_prior
         self.srgr_steps = srgr_steps
         self.use_srgr = use_srgr
         self.alignment = alignment
@@ -135,6 +148,7 @@ class MPSMConfig(PretrainedConfig):
         self.lambda_softmax = float(lambda_softmax)
         self.margin = float(margin)
         self.max_violation = max_violation
+        self.hinge_on_logits = hinge_on_logits
         self.num_spatial_kernels = num_spatial_kernels
         self.dropout = float(dropout)
         self.global_loss_weight = float(global_loss_weight)

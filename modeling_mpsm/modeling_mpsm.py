@@ -9,6 +9,7 @@ part (`similarity`) sees pairs, and it does so as batched tensor operations over
 Shapes: I images, T captions, n regions, L words, d = embed_size, m = sim_dim, P = I * T pairs.
 """
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -104,13 +105,18 @@ def l2norm(x, dim=-1, eps=1e-8):
 
 def add_linear(target, inputs, weight):
     """
-    target + inputs Wᵀ: [..., m] + [..., c] x [m, c]ᵀ. Without autograd the matmul accumulates into `target` in place
-    (no extra pass over it, no new tensor), so `target` must not be needed afterwards.
+    target + inputs Wᵀ: [..., m] + [..., c] x [m, c]ᵀ. Without autograd (and outside autocast, with one dtype) the matmul
+    accumulates into `target` in place (no extra pass over it, no new tensor), so `target` must not be needed afterwards.
     """
-    if torch.is_grad_enabled() and (target.requires_grad or inputs.requires_grad or weight.requires_grad):
-        return target + F.linear(inputs, weight)
+    tracked = torch.is_grad_enabled() and (target.requires_grad or inputs.requires_grad or weight.requires_grad)
+    if tracked or torch.is_autocast_enabled(inputs.device.type) or weight.dtype != inputs.dtype:
+        return target + F.linear(inputs, weight)  # autograd needs `target`; autocast casts the matmul's operands
     target.view(-1, target.shape[-1]).addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t())
     return target
+
+
+class ZeroInitLinear(nn.Linear):
+    """A linear layer whose weight and bias start at zero: a residual branch that begins as the identity."""
 
 
 def masked_softmax(scores, mask, dim=-1):
@@ -327,14 +333,26 @@ class MPSMKGIDLayer(nn.Module):
     """
     One KGID layer. Layer l > 0 first rebuilds its adjacency from its input (eq 9, with its own W_O, W_I); layer 0
     uses the semantic knowledge graph E.
+
+    The layer is the identity at initialisation and carries messages along the graph (three readings of eq 5-8,
+    chosen by measurement on the synthetic scenes; the paper's literal form made rsum fall with depth):
+    - ρ in eq 5 is d·softmax over the d features, so uniform weights give V_k = X and the graph's message
+      re-weights each node's features around 1 (a plain softmax gives ‖V_k‖/‖X‖ = 1/d and a Jacobian 1/d, so
+      neither E, P_v, P_t nor eq 9 reached the output or received gradient);
+    - the gate of eq 6 reads unit-RMS coordinates (x·√d/‖x‖): on l2-normalised nodes the paper's inputs are
+      O(1/√d) and σ is the constant 0.5;
+    - eq 8 keeps its shortcut linear, X + W_kg V_kg + b with W_kg and b zero-initialised (as GSMN/VSRN-style
+      graph blocks do): a ReLU over the sum zeroed about half of each node's signed coordinates and moved every
+      node into the positive orthant, so word-region cosines lost their sign.
     """
 
     def __init__(self, config, rebuild_adjacency):
         super().__init__()
         size = config.embed_size
         self.lambda_softmax = config.lambda_softmax
+        self.use_gate = config.kgid_gate
         self.propagation = nn.Linear(size, size, bias=False)  # W (eq 5)
-        self.transform = nn.Linear(size, size)  # W_kg, b (eq 8)
+        self.transform = ZeroInitLinear(size, size)  # W_kg, b (eq 8)
         self.edge_out = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_O (eq 9)
         self.edge_in = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_I (eq 9)
 
@@ -344,13 +362,21 @@ class MPSMKGIDLayer(nn.Module):
         return masked_softmax(scores, mask.unsqueeze(1)) * mask.unsqueeze(2)
 
     def forward(self, nodes, adjacency, mask):
-        """nodes [B, k, d], adjacency [B, k, k] (ignored when this layer rebuilds it), mask [B, k] -> (nodes, gate)."""
+        """
+        nodes [B, k, d], adjacency [B, k, k] (ignored when this layer rebuilds it), mask [B, k] -> (nodes, gate),
+        gate [B, k, d] (ones when `config.kgid_gate` is off).
+        """
         if self.edge_out is not None:
             adjacency = self.adaptive_adjacency(nodes, mask)
-        knowledge = torch.softmax(adjacency @ self.propagation(nodes), dim=-1) * nodes  # eq 5, ρ over features
-        gate = torch.sigmoid(knowledge * nodes + nodes)  # eq 6
-        gated = gate * knowledge + (1 - gate) * nodes  # eq 7
-        nodes = F.relu(self.transform(gated) + nodes) * mask.unsqueeze(-1)  # eq 8
+        size = nodes.shape[-1]
+        knowledge = size * torch.softmax(adjacency @ self.propagation(nodes), dim=-1) * nodes  # eq 5, ρ = d·softmax
+        if self.use_gate:
+            unit = size**0.5 / nodes.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # unit-RMS coordinates
+            gate = torch.sigmoid(knowledge * unit * nodes * unit + nodes * unit)  # eq 6
+            gated = gate * knowledge + (1 - gate) * nodes  # eq 7
+        else:  # ablation: the disseminated knowledge replaces the node
+            gate, gated = torch.ones_like(nodes), knowledge
+        nodes = (nodes + self.transform(gated)) * mask.unsqueeze(-1)  # eq 8, linear shortcut
         return nodes, gate
 
 
@@ -482,6 +508,9 @@ class MPSMSRGRStep(nn.Module):
 
     Eq 16's "W_out ∈ R^{m×1} … ⊕" is read as GAT-style additive attention: o_a = BN(w_outᵀ s_a), i_b = BN(w_inᵀ s_b),
     E→_ab = σ(o_a + i_b) / Σ_b' σ(o_a + i_b'), E←_ab = σ(i_a + o_b) / Σ_b' σ(i_a + o_b').
+    The reconstructed nodes are L2-normalised (as every similarity node of eq 10-15 is): unbounded, eq 20 grew the
+    global node's norm 1.0 -> 2.4 over three rounds, the scores started spread and hardest negatives collapsed to
+    "all scores equal"; bounded, the read-out starts near one value.
     """
 
     def __init__(self, config):
@@ -523,15 +552,15 @@ class MPSMSRGRStep(nn.Module):
         gate = add_linear(gate, backward_nodes, self.gate.weight[:, size:]).sigmoid_()
         refined_forward = add_linear(forward_nodes, gate * forward_nodes, self.out_refine.weight)  # eq 19
         refined_backward = add_linear(backward_nodes, gate * backward_nodes, self.in_refine.weight)
-        return self.merge(refined_forward + refined_backward)  # eq 20
+        return l2norm(self.merge(refined_forward + refined_backward))  # eq 20, normalised
 
 
 class MPSMSimilarityHead(nn.Module):
     """
-    One perspective (distance or direction) of one stream: similarity nodes -> SRGR -> score in (0, 1).
+    One perspective (distance or direction) of one stream: similarity nodes -> SRGR -> logit (the score before σ).
 
     Nodes are [s_g, s_1 … s_k] for `alignment="multi"`, [s_g] for "global" and [s_1 … s_k] for "local". The score reads
-    the reasoned global node (σ(w_evalᵀ s*_g + b)), or the mean of the reasoned local nodes when there is no global
+    the reasoned global node (w_evalᵀ s*_g + b, the score σ of it), or the mean of the reasoned local nodes when there is no global
     node. Without SRGR (ablation) the score reads the mean of all nodes, so that local nodes still count.
     """
 
@@ -556,7 +585,7 @@ class MPSMSimilarityHead(nn.Module):
             local_mask [P, k]: real local nodes. local_weights [P, k]: node weights (seed 002), or None.
             global_pair: (v̄, t̄), broadcastable to [..., d] with P pairs in the leading axes.
         Returns:
-            `torch.FloatTensor` [P]: scores in (0, 1).
+            `torch.FloatTensor` [P]: logits; the scores are their σ.
         """
         nodes, masks = [], []
         if self.global_similarity is not None:
@@ -580,7 +609,7 @@ class MPSMSimilarityHead(nn.Module):
             readout = masked_mean(nodes, mask)
         # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
         # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
-        return torch.sigmoid(self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1))
+        return self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -660,7 +689,9 @@ class MPSMPreTrainedModel(PreTrainedModel):
     config_class = MPSMConfig
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    # `gradient_checkpointing_enable()` recomputes the per-pair part (cross attention, similarity nodes, SRGR) in the
+    # backward pass instead of keeping its [I, T, L, d] intermediates; SRGR's batch norms then see each batch twice
+    supports_gradient_checkpointing = True
     # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
     _keep_in_fp32_modules_strict = ["evaluate"]
 
@@ -670,8 +701,12 @@ class MPSMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Xavier-uniform linear layers (as SCAN/SGRAF), uniform(-0.1, 0.1) word embeddings, GRU Xavier weights."""
-        if isinstance(module, nn.Linear):
+        """Xavier-uniform linear layers (as SCAN/SGRAF) except eq 8's W_kg, b (zero), uniform(-0.1, 0.1) word embeddings,
+        GRU Xavier weights."""
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -711,7 +746,9 @@ class MPSMModel(MPSMPreTrainedModel):
         self.image_encoder = MPSMImageEncoder(config)
         self.text_encoder = MPSMTextEncoder(config)
         self.word_self_attention = MPSMWordSelfAttention(config) if config.word_self_attention else None
-        self.spatial_kernels = MPSMSpatialKernels(config) if config.visual_kgid and config.kgid_layers else None
+        self.spatial_kernels = (
+            MPSMSpatialKernels(config) if config.visual_kgid and config.kgid_layers and config.spatial_prior else None
+        )
         self.visual_kgid = MPSMKGID(config) if config.visual_kgid and config.kgid_layers else None
         self.textual_kgid = MPSMKGID(config) if config.textual_kgid and config.kgid_layers else None
         self.image_attention = MPSMGlobalAttention(config)
@@ -727,7 +764,23 @@ class MPSMModel(MPSMPreTrainedModel):
             }
         )
         self._warned_no_boxes = False
+        self.gradient_checkpointing = False
         self.post_init()
+
+    def get_input_embeddings(self):
+        """The word embedding table (`resize_token_embeddings` extends it for a larger vocabulary)."""
+        return self.text_encoder.embed
+
+    def set_input_embeddings(self, value):
+        self.text_encoder.embed = value
+
+    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None):
+        """CLIP-style alias: the global image features v̄ [I, d] of `encode_image`."""
+        return self.encode_image(region_features, boxes, region_mask, image_sizes).image_embeds
+
+    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None):
+        """CLIP-style alias: the global caption features t̄ [T, d] of `encode_text`."""
+        return self.encode_text(input_ids, attention_mask, dependency_adjacency).text_embeds
 
     # ---------------------------------------------------------------- per item: images
     def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, **kwargs):
@@ -748,7 +801,9 @@ class MPSMModel(MPSMPreTrainedModel):
         boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
         regions = self.image_encoder(region_features, region_mask)
         if self.visual_kgid is not None:
-            if boxes is None:
+            if self.spatial_kernels is None:  # ablation: no spatial prior, P_v = 1
+                prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
+            elif boxes is None:
                 if not self._warned_no_boxes:
                     warnings.warn("MPSM got no `boxes`: the visual spatial prior P_v falls back to all ones.")
                     self._warned_no_boxes = True
@@ -797,52 +852,77 @@ class MPSMModel(MPSMPreTrainedModel):
         )
 
     # ---------------------------------------------------------------- per pair
-    def pair_scores(self, image: MPSMImageOutput, text: MPSMTextOutput):
+    def pair_logits(self, image: MPSMImageOutput, text: MPSMTextOutput):
         """
-        Scores of every image against every caption, per perspective (the per-pair part: steps 5-7).
+        Logits of every image against every caption, per perspective (the per-pair part: steps 5-7); the scores are
+        their σ, so both rank alike.
 
         Padding beyond the longest caption / largest region count of the block is dropped first.
         Returns:
-            `dict[str, torch.FloatTensor]`: perspective -> [I, T] scores in (0, 1) (mean over streams).
+            `dict[str, torch.FloatTensor]`: perspective -> [I, T] logits (mean over streams).
         """
         num_regions = int(image.region_mask.sum(1).max())
         num_words = int(text.attention_mask.sum(1).max())
         regions, region_mask = image.region_embeds[:, :num_regions], image.region_mask[:, :num_regions]
         words, word_mask = text.word_embeds[:, :num_words], text.attention_mask[:, :num_words]
         word_weights = text.word_weights[:, :num_words]
-        num_images, num_texts = len(regions), len(words)
-        pairs = num_images * num_texts
         if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T, n, d]
             regions = l2norm(regions.unsqueeze(1) * text.guidance[None, :, None, :]) * region_mask[:, None, :, None]
-        global_pair = (image.image_embeds.unsqueeze(1), text.text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
-        scores = {}
+        items = (regions, region_mask, words, word_mask, word_weights, image.image_embeds, text.text_embeds)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        logits = {}
         for stream in self.config.stream_names:
-            if self.config.alignment == "global":
-                local_pairs = local_mask = local_weights = None
-            elif stream == "t2i":  # words attend to regions (the paper)
-                attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
-                local_pairs = (attended, words)  # [I, T, L, d], [T, L, d]
-                local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-                local_weights = (  # seed 002 weighs the word nodes; otherwise `local_mask` alone drops padding
-                    word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-                    if self.config.word_self_attention else None
-                )
-            else:  # seed 004: regions attend to words
-                attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
-                target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
-                local_pairs = (attended, target)
-                local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
-                local_weights = None
-            for perspective in self.config.perspectives:
-                head = self.heads[f"{stream}_{perspective}"]
-                head_scores = head(local_pairs, local_mask, local_weights, global_pair).view(num_images, num_texts)
-                scores[perspective] = scores.get(perspective, 0) + head_scores / len(self.config.stream_names)
-        return scores
+            if checkpointing:  # the [I, T, L, d] intermediates are recomputed in the backward pass, not kept
+                stream_logits = self._gradient_checkpointing_func(functools.partial(self.stream_logits, stream), *items)
+            else:
+                stream_logits = self.stream_logits(stream, *items)
+            for perspective, value in zip(self.config.perspectives, stream_logits):
+                logits[perspective] = logits.get(perspective, 0) + value / len(self.config.stream_names)
+        return logits
+
+    def stream_logits(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+        """
+        One stream's logits per perspective: cross attention (step 5), similarity nodes (eq 10-15), SRGR (eq 16-20).
+
+        Args: regions [I, n, d] (or [I, T, n, d] with seed 002's guidance), region_mask [I, n], words [T, L, d],
+            word_mask [T, L], word_weights [T, L], image_embeds [I, d], text_embeds [T, d].
+        Returns:
+            `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`.
+        """
+        num_images, num_texts = len(region_mask), len(word_mask)
+        pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
+        global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
+        if self.config.alignment == "global":
+            local_pairs = local_mask = local_weights = None
+        elif stream == "t2i":  # words attend to regions (the paper)
+            attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
+            local_pairs = (attended, words)  # [I, T, L, d], [T, L, d]
+            local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+            local_weights = (  # seed 002 weighs the word nodes; otherwise `local_mask` alone drops padding
+                word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+                if self.config.word_self_attention else None
+            )
+        else:  # seed 004: regions attend to words
+            attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
+            target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
+            local_pairs = (attended, target)
+            local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
+            local_weights = None
+        return tuple(
+            self.heads[f"{stream}_{perspective}"](local_pairs, local_mask, local_weights, global_pair).view(
+                num_images, num_texts
+            )
+            for perspective in self.config.perspectives
+        )
+
+    @staticmethod
+    def scores_from_logits(logits):
+        """Matching scores [I, T] in (0, 1): the mean over perspectives of σ(logit)."""
+        return sum(torch.sigmoid(value) for value in logits.values()) / len(logits)
 
     def similarity(self, image: MPSMImageOutput, text: MPSMTextOutput):
-        """Matching scores [I, T] in (0, 1): the mean over perspectives of `pair_scores`."""
-        scores = self.pair_scores(image, text)
-        return sum(scores.values()) / len(scores)
+        """Matching scores [I, T] in (0, 1): the mean over perspectives of σ(`pair_logits`)."""
+        return self.scores_from_logits(self.pair_logits(image, text))
 
     def text_region_attention(self, image: MPSMImageOutput, text: MPSMTextOutput):
         """Text-guided attention of each word over the regions (step 5), [I, T, L, n], for visual explanations."""
@@ -853,9 +933,11 @@ class MPSMModel(MPSMPreTrainedModel):
         return attention
 
     # ---------------------------------------------------------------- training
-    def compute_loss(self, scores, image, text, image_ids=None, max_violation=None):
+    def compute_loss(self, logits, image, text, image_ids=None, max_violation=None):
         """
-        Training loss on a square batch (pair i = image i, caption i): per perspective the triplet loss (eq 21) and/or
+        Training loss on a square batch (pair i = image i, caption i) from the per-perspective `logits` [B, B] of
+        `pair_logits`: per perspective the triplet loss (eq 21, on the logits with `config.hinge_on_logits`, else on
+        the σ scores) and/or
         the fine-grained-label loss (seed 003), summed over perspectives (L_dis + L_dir for "joint"), plus the optional
         global contrastive loss. `image_ids` [B] marks captions of the same image, which are not negatives.
         """
@@ -869,11 +951,13 @@ class MPSMModel(MPSMPreTrainedModel):
             positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
         max_violation = self.config.max_violation if max_violation is None else max_violation
         loss = 0.0
-        for perspective_scores in scores.values():
+        for perspective_logits in logits.values():
+            scores = torch.sigmoid(perspective_logits)
             if self.config.loss_type in ("triplet", "both"):
-                loss = loss + triplet_loss(perspective_scores, self.config.margin, max_violation, positive_mask)
+                hinged = perspective_logits if self.config.hinge_on_logits else scores
+                loss = loss + triplet_loss(hinged, self.config.margin, max_violation, positive_mask)
             if self.config.loss_type in ("fine_grained_labels", "both"):
-                loss = loss + fine_grained_label_loss(perspective_scores, text.text_embeds, positive_mask)
+                loss = loss + fine_grained_label_loss(scores, text.text_embeds, positive_mask)
         if self.config.global_loss_weight > 0:
             loss = loss + self.config.global_loss_weight * global_contrastive_loss(
                 image.image_embeds, text.text_embeds, self.config.global_loss_temperature, positive_mask
@@ -892,26 +976,29 @@ class MPSMModel(MPSMPreTrainedModel):
         image_ids=None,
         return_loss=None,
         max_violation=None,
-        **kwargs,
-    ) -> MPSMOutput:
+        return_dict=None,
+    ) -> MPSMOutput | tuple:
         """
         Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
-        caption i are the positive pairs). Argument shapes as in `encode_image` and `encode_text`.
+        caption i are the positive pairs). Argument shapes as in `encode_image` and `encode_text`. Unknown arguments
+        are refused by name (a `TypeError`, as in every transformers model); `return_dict=False` returns the tuple
+        of the output's non-None fields.
         """
         if input_ids is None or region_features is None:
             raise ValueError("MPSMModel.forward needs both `input_ids` and `region_features`")
         image = self.encode_image(region_features, boxes, region_mask, image_sizes)
         text = self.encode_text(input_ids, attention_mask, dependency_adjacency)
-        scores = self.pair_scores(image, text)
-        logits_per_image = sum(scores.values()) / len(scores)
-        loss = self.compute_loss(scores, image, text, image_ids, max_violation) if return_loss else None
-        return MPSMOutput(
+        logits = self.pair_logits(image, text)
+        logits_per_image = self.scores_from_logits(logits)
+        loss = self.compute_loss(logits, image, text, image_ids, max_violation) if return_loss else None
+        output = MPSMOutput(
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             image_embeds=image.image_embeds,
             text_embeds=text.text_embeds,
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 def chain_adjacency(attention_mask):
@@ -933,6 +1020,7 @@ class MPSMEnsembleModel(PreTrainedModel):
     config_class = MPSMEnsembleConfig
     base_model_prefix = "mpsm_ensemble"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the members' per-pair parts
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -971,15 +1059,25 @@ class MPSMEnsembleModel(PreTrainedModel):
         """Mean of the members' scores, [I, T]."""
         return (self.dis.similarity(image["dis"], text["dis"]) + self.dir.similarity(image["dir"], text["dir"])) / 2
 
-    def forward(self, return_loss=None, **inputs) -> MPSMOutput:
-        """Scores with the mean of both members; the loss (when asked) is the sum of the members' losses."""
-        dis_output = self.dis(return_loss=return_loss, **inputs)
-        dir_output = self.dir(return_loss=return_loss, **inputs)
+    def get_image_features(self, *args, **kwargs):
+        """The members' global image features side by side, [I, 2d] (as `forward`'s `image_embeds`)."""
+        return torch.cat([self.dis.get_image_features(*args, **kwargs), self.dir.get_image_features(*args, **kwargs)], -1)
+
+    def get_text_features(self, *args, **kwargs):
+        """The members' global caption features side by side, [T, 2d] (as `forward`'s `text_embeds`)."""
+        return torch.cat([self.dis.get_text_features(*args, **kwargs), self.dir.get_text_features(*args, **kwargs)], -1)
+
+    def forward(self, return_loss=None, return_dict=None, **inputs) -> MPSMOutput | tuple:
+        """Scores with the mean of both members; the loss (when asked) is the sum of the members' losses. `inputs` are
+        `MPSMModel.forward`'s arguments (unknown names are refused there)."""
+        dis_output = self.dis(return_loss=return_loss, return_dict=True, **inputs)
+        dir_output = self.dir(return_loss=return_loss, return_dict=True, **inputs)
         logits_per_image = (dis_output.logits_per_image + dir_output.logits_per_image) / 2
-        return MPSMOutput(
+        output = MPSMOutput(
             loss=dis_output.loss + dir_output.loss if return_loss else None,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             image_embeds=torch.cat([dis_output.image_embeds, dir_output.image_embeds], -1),
             text_embeds=torch.cat([dis_output.text_embeds, dir_output.text_embeds], -1),
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

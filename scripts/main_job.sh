@@ -20,13 +20,13 @@ echo "== 1/6 synthetic scenes (SCAN format) -> $OUT/data"
 [ -f "$OUT/data/meta.json" ] || "$PYTHON" -m modeling_mpsm.synthetic --output_dir "$OUT/data" --feature_dim 1024 \
     --num_test "$NUM_TEST"
 
-# Sum of violations: on this benchmark hardest negatives collapse every score to 1 (README, "Known issue").
+# The paper's loss: one epoch of sum of violations, then hardest negatives (train_mpsm.py's default warm-up).
 # The auxiliary global loss trains the first stage of the two-stage retrieval used in step 5.
 for member in dis dir; do
   similarity=$([ "$member" = dis ] && echo distance || echo direction)
   echo "== 2/6 train MPSM ($member) -> $OUT/mpsm-$member"
   "$PYTHON" examples/train_mpsm.py --data_dir "$OUT/data" --output_dir "$OUT/mpsm-$member" \
-      --similarity "$similarity" --set $SIZE max_violation=false global_loss_weight=0.5 \
+      --similarity "$similarity" --set $SIZE global_loss_weight=0.5 \
       --batch_size 32 --learning_rate 5e-4 --max_train_steps "$STEPS" \
       --eval_steps $((STEPS / 3)) --max_eval_images 200 --checkpointing_steps $((STEPS / 3)) \
       --parser "$PARSER" --seed 0 --cpu

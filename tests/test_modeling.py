@@ -118,9 +118,18 @@ def test_chain_adjacency_is_symmetric_with_self_loops():
 
 
 # ----------------------------------------------------------------------------------------------------- eq 5-9
+def trained_kgid_layer(seed=0, embed_size=16, rebuild_adjacency=True, **overrides):
+    """A KGID layer with eq 8's branch W_kg, b moved off its zero initialisation (as after training)."""
+    torch.manual_seed(seed)
+    layer = MPSMKGIDLayer(tiny_config(embed_size=embed_size, **overrides), rebuild_adjacency=rebuild_adjacency)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.transform.weight, std=0.1)
+        torch.nn.init.normal_(layer.transform.bias, std=0.1)
+    return layer
+
+
 def test_kgid_gate_in_unit_interval_and_adaptive_edges_masked():
-    torch.manual_seed(0)
-    layer = MPSMKGIDLayer(tiny_config(), rebuild_adjacency=True)
+    layer = trained_kgid_layer()
     nodes = torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     adjacency = layer.adaptive_adjacency(nodes, mask)
@@ -129,22 +138,97 @@ def test_kgid_gate_in_unit_interval_and_adaptive_edges_masked():
     assert adjacency[1, :, 2:].abs().sum() == 0 and adjacency[1, 2:].abs().sum() == 0
     out, gate = layer(nodes, None, mask)
     assert (gate >= 0).all() and (gate <= 1).all()
-    assert (out >= 0).all()  # ReLU of eq 8
+    assert (out < 0).any()  # linear shortcut of eq 8: nodes keep signed coordinates (no ReLU over the sum)
     assert out[1, 2:].abs().sum() == 0
 
 
+def test_kgid_gate_is_not_a_constant_on_unit_norm_nodes():
+    """Eq 6 reads unit-RMS coordinates: on l2-normalised nodes of width 1024 the gate spreads over (0, 1)."""
+    layer = trained_kgid_layer(embed_size=1024, rebuild_adjacency=False)
+    nodes = torch.nn.functional.normalize(torch.randn(1, 6, 1024), dim=-1)
+    _, gate = layer(nodes, torch.eye(6)[None], torch.ones(1, 6, dtype=torch.bool))
+    assert gate.std() > 0.1 and gate.max() - gate.min() > 0.4  # the paper's raw inputs: std 0.008 around 0.5
+
+
 def test_kgid_layer_matches_hand_computation():
-    torch.manual_seed(1)
-    layer = MPSMKGIDLayer(tiny_config(embed_size=3), rebuild_adjacency=False)
+    layer = trained_kgid_layer(seed=1, embed_size=3, rebuild_adjacency=False)
     nodes = torch.rand(1, 2, 3)
     adjacency = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]])
     mask = torch.ones(1, 2, dtype=torch.bool)
     out, _ = layer(nodes, adjacency, mask)
-    knowledge = torch.softmax(adjacency[0] @ nodes[0] @ layer.propagation.weight.T, -1) * nodes[0]
-    gate = torch.sigmoid(knowledge * nodes[0] + nodes[0])
-    gated = gate * knowledge + (1 - gate) * nodes[0]
-    expected = torch.relu(gated @ layer.transform.weight.T + layer.transform.bias + nodes[0])
-    assert torch.allclose(out[0], expected, atol=1e-6)
+    x = nodes[0]
+    knowledge = 3 * torch.softmax(adjacency[0] @ x @ layer.propagation.weight.T, -1) * x  # eq 5, ρ = d·softmax
+    unit = math.sqrt(3) / x.norm(dim=-1, keepdim=True)
+    gate = torch.sigmoid((knowledge * unit) * (x * unit) + x * unit)  # eq 6
+    gated = gate * knowledge + (1 - gate) * x  # eq 7
+    expected = x + gated @ layer.transform.weight.T + layer.transform.bias  # eq 8
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
+    layer.use_gate = False  # ablation: V_kg = V_k
+    out, gate = layer(nodes, adjacency, mask)
+    torch.testing.assert_close(out[0], x + knowledge @ layer.transform.weight.T + layer.transform.bias)
+    assert torch.equal(gate, torch.ones_like(gate))
+
+
+def test_kgid_is_the_identity_at_initialisation():
+    model = eval_model(kgid_layers=3)
+    for kgid in (model.visual_kgid, model.textual_kgid):
+        for layer in kgid.layers:
+            assert layer.transform.weight.abs().sum() == 0 and layer.transform.bias.abs().sum() == 0
+        assert layer.propagation.weight.abs().sum() > 0  # the other weights are not zeroed
+    nodes = torch.nn.functional.normalize(torch.randn(2, 5, 16), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    nodes = nodes * mask.unsqueeze(-1)
+    graph = semantic_knowledge_graph(nodes, torch.rand(2, 5, 5), mask, 9.0)
+    torch.testing.assert_close(model.visual_kgid(nodes, graph, mask), nodes, atol=1e-6, rtol=0)
+
+
+def test_kgid_knowledge_is_of_the_order_of_the_node():
+    """‖V_k‖ / ‖X‖ of order 1 at paper width (a plain softmax over features would give 1/d = 0.001)."""
+    torch.manual_seed(0)
+    layer = MPSMKGIDLayer(tiny_config(embed_size=1024), rebuild_adjacency=False)
+    nodes = torch.nn.functional.normalize(torch.randn(2, 36, 1024), dim=-1)
+    mask = torch.ones(2, 36, dtype=torch.bool)
+    graph = semantic_knowledge_graph(nodes, torch.rand(2, 36, 36), mask, 9.0)
+    knowledge = 1024 * torch.softmax(graph @ layer.propagation(nodes), -1) * nodes
+    ratio = knowledge.norm(dim=-1) / nodes.norm(dim=-1)
+    assert ((ratio > 0.5) & (ratio < 2.0)).all()
+
+
+def test_gradient_reaches_the_spatial_kernels_and_the_edge_weights():
+    """After one update (eq 8's branch leaves zero), the graph priors and eq 9 receive gradients of the order of their
+    parameters' scale (the literal reading gave gradient/parameter ratios of ~1e-3 for the spatial kernels)."""
+    model = eval_model(kgid_layers=3, embed_size=32)
+    model.train()
+    batch = make_batch(batch=4, seed=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(**batch, return_loss=True, max_violation=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(**batch, return_loss=True, max_violation=False).loss.backward()
+    kernels = model.spatial_kernels
+    for name in ("mean_rho", "mean_theta", "log_sigma_rho", "mixture_logits"):
+        assert getattr(kernels, name).grad.abs().max() > 0, name
+    edge_weight = model.visual_kgid.layers[1].edge_out.weight
+    textual_edges = model.textual_kgid.layers[2].edge_in.weight
+    for weight in (edge_weight, textual_edges, model.visual_kgid.layers[0].propagation.weight):
+        assert weight.grad.norm() / weight.norm() > 1e-3
+
+
+def test_kgid_padded_nodes_change_nothing():
+    layer = trained_kgid_layer(seed=3)
+    nodes = torch.nn.functional.normalize(torch.randn(1, 3, 16), dim=-1)
+    adjacency = torch.rand(1, 3, 3)
+    out, _ = layer(nodes, adjacency, torch.ones(1, 3, dtype=torch.bool))
+    padded_nodes = torch.cat([nodes, 5 * torch.randn(1, 2, 16)], 1)  # two padded nodes with arbitrary values
+    padded_adjacency = torch.zeros(1, 5, 5)
+    padded_adjacency[:, :3, :3] = adjacency
+    mask = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool)
+    for rebuild in (False, True):  # layer 0 (given E) and layers > 0 (eq 9 over valid nodes)
+        layer.edge_out = layer.edge_out if rebuild else None
+        reference, _ = layer(nodes, adjacency, torch.ones(1, 3, dtype=torch.bool))
+        padded, _ = layer(padded_nodes, padded_adjacency, mask)
+        torch.testing.assert_close(padded[:, :3], reference, atol=1e-6, rtol=0)
+        assert padded[:, 3:].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------------- eq 10-15
@@ -203,12 +287,53 @@ def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
     forward_nodes = (gate * forward_nodes) @ step.out_refine.weight.T + forward_nodes  # eq 19
     backward_nodes = (gate * backward_nodes) @ step.in_refine.weight.T + backward_nodes
     expected = (forward_nodes + backward_nodes) @ step.merge.weight.T + step.merge.bias  # eq 20
+    expected = expected / expected.norm(dim=-1, keepdim=True)  # bounded nodes
     with torch.no_grad():  # matmuls accumulate in place
         torch.testing.assert_close(step(nodes, mask), expected.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(step(nodes, mask, first_only=True), expected[:, :1].detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(step(nodes, mask), expected, atol=1e-6, rtol=0)  # autograd: out of place
     gradient = torch.autograd.grad(step(nodes, mask).sum(), step.gate.weight)[0]
     torch.testing.assert_close(gradient, torch.autograd.grad(expected.sum(), step.gate.weight)[0])
+
+
+def test_srgr_nodes_stay_bounded_and_scores_start_near_one_value():
+    """Over three rounds every reconstructed node keeps unit norm; at initialisation the logits of random pairs lie
+    within a narrow band around the read-out bias, where σ' is at its largest."""
+    model = eval_model(srgr_steps=3, embed_size=32, sim_dim=16)
+    head = model.heads["t2i_distance"]
+    nodes = torch.nn.functional.normalize(torch.randn(64, 7, 16), dim=-1)
+    mask = torch.ones(64, 7, dtype=torch.bool)
+    for step in head.srgr:
+        nodes = step(nodes, mask)
+        torch.testing.assert_close(nodes.norm(dim=-1), torch.ones(64, 7))
+    batch = make_batch(batch=6, seed=4)
+    with torch.no_grad():
+        logits = model.pair_logits(model.encode_image(batch["region_features"], batch["boxes"]),
+                                   model.encode_text(batch["input_ids"], batch["attention_mask"]))["distance"]
+    bound = head.evaluate.weight.norm().item()  # |w·s| <= ‖w‖ (≈ √2 with Xavier, whatever m) for a unit node
+    assert (logits - head.evaluate.bias).abs().max() <= bound + 1e-5
+    assert logits.std() < 0.25 * bound  # random pairs: near one value, far from σ's flat tails
+
+
+def test_hinge_on_logits_keeps_the_ranking_of_the_scores():
+    model = eval_model(similarity="joint")
+    batch = make_batch(batch=5, seed=6)
+    with torch.no_grad():
+        image = model.encode_image(batch["region_features"], batch["boxes"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        logits = model.pair_logits(image, text)
+        scores = model.similarity(image, text)
+    for value in logits.values():  # σ is monotone: each perspective ranks alike by logit and by score
+        assert torch.equal(value.argsort(1), torch.sigmoid(value).argsort(1))
+    torch.testing.assert_close(scores, (torch.sigmoid(logits["distance"]) + torch.sigmoid(logits["direction"])) / 2)
+    model.train()
+    logits = model.pair_logits(image, text)
+    on_logits = model.compute_loss(logits, image, text, max_violation=False)
+    expected = sum(triplet_loss(value, 0.2, False) for value in logits.values())
+    torch.testing.assert_close(on_logits, expected)
+    model.config.hinge_on_logits = False
+    on_scores = model.compute_loss(logits, image, text, max_violation=False)
+    torch.testing.assert_close(on_scores, sum(triplet_loss(torch.sigmoid(v), 0.2, False) for v in logits.values()))
 
 
 def test_add_linear_accumulates_in_place_only_without_autograd():
@@ -477,3 +602,81 @@ def test_save_and_load_keeps_weights_and_scores(tmp_path):
     batch = make_batch()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits_per_image, loaded(**batch).logits_per_image)
+
+
+# ----------------------------------------------------------------------------------------------------- transformers conventions
+def test_return_dict_false_gives_a_tuple_and_unknown_arguments_are_refused_by_name():
+    model = eval_model()
+    batch = make_batch(batch=3, seed=7)
+    with torch.no_grad():
+        output = model(**batch, return_loss=True)
+        as_tuple = model(**batch, return_loss=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 5
+    torch.testing.assert_close(as_tuple[0], output.loss)
+    torch.testing.assert_close(as_tuple[1], output.logits_per_image)
+    for typo in ("labels", "input_idss"):
+        with pytest.raises(TypeError, match=typo):
+            model(**batch, **{typo: batch["input_ids"]})
+    ensemble = MPSMEnsembleModel(MPSMEnsembleConfig(dis_config=TINY, dir_config=TINY)).eval()
+    with torch.no_grad():
+        assert isinstance(ensemble(**batch, return_dict=False), tuple)
+    with pytest.raises(TypeError, match="labels"):
+        ensemble(**batch, labels=batch["input_ids"])
+
+
+def test_input_embeddings_resize_and_clip_style_feature_aliases():
+    model = eval_model()
+    assert model.get_input_embeddings() is model.text_encoder.embed
+    model.resize_token_embeddings(48)
+    assert model.get_input_embeddings().weight.shape == (48, TINY["word_dim"]) and model.config.vocab_size == 48
+    batch = make_batch(batch=2, seed=8)
+    batch["input_ids"][0, 0] = 45  # a new word id is now valid
+    with torch.no_grad():
+        image = model.encode_image(batch["region_features"], batch["boxes"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(model.get_image_features(batch["region_features"], batch["boxes"]),
+                                   image.image_embeds)
+        torch.testing.assert_close(model.get_text_features(batch["input_ids"], batch["attention_mask"]),
+                                   text.text_embeds)
+
+
+@pytest.mark.parametrize("streams", ["t2i", "both"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(streams):
+    torch.manual_seed(0)
+    model = MPSMModel(tiny_config(similarity="joint", streams=streams, dropout=0.0))
+    batch = make_batch(batch=4, seed=9)
+    reference = model(**batch, return_loss=True, max_violation=False).loss
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    for module in model.modules():  # the SRGR batch norms would otherwise see the batch twice in one comparison
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.momentum = 0.0
+    loss = model(**batch, return_loss=True, max_violation=False).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_every_public_path_runs_under_bf16_autocast():
+    model = eval_model(similarity="joint")
+    batch = make_batch(batch=3, seed=10)
+    with torch.no_grad():
+        reference = model(**batch).logits_per_image
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = model.encode_image(batch["region_features"], batch["boxes"])
+            text = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["dependency_adjacency"])
+            scores = model.similarity(image, text)
+            output = model(**batch)
+    for value in (scores, output.logits_per_image):
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value.float(), reference, atol=0.02, rtol=0)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, return_loss=True).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.image_encoder.fc.weight.grad is not None
