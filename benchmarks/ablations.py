@@ -302,8 +302,9 @@ def main():
     jobs = [(name, seed) for name in names for seed in args.seeds]
     if args.summarise_only:
         jobs = [job for job in jobs if os.path.exists(os.path.join(run_dir(args, *job), "test_metrics.json"))]
-    if args.sgraf_repo and (not args.variants or PEER in args.variants):
-        jobs += [(PEER, seed) for seed in args.seeds]
+    if args.sgraf_repo and (not args.variants or PEER in args.variants):  # the peer right after the perspective rows
+        at = next((i for i, (name, _) in enumerate(jobs) if name == "MPSM (dir)"), len(jobs) - len(args.seeds))
+        jobs[at + len(args.seeds):at + len(args.seeds)] = [(PEER, seed) for seed in args.seeds]
     results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {

@@ -11,7 +11,9 @@ holding all items, padded to a common number of regions / words.
 """
 
 import copy
+import logging
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,8 @@ def is_cache(value):
 # Fields whose axis 1 runs over regions or words (padded when caches are concatenated).
 PADDED_FIELDS = {"region_embeds", "region_mask", "region_attention", "word_embeds", "attention_mask", "word_weights"}
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # measured best of 4-256 MiB at paper size on a 2-core CPU (cache locality)
+logger = logging.getLogger(__name__)
+_DTYPE_CHOICES = {}  # (device type, model class, config) -> the faster scoring dtype measured in this process
 
 
 def _map_outputs(function, cache):
@@ -191,6 +195,42 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
 
 
 @torch.no_grad()
+def choose_scoring_dtype(model, images, texts, probe_images=8, probe_texts=256, repeats=2):
+    """
+    The faster of float32 and bfloat16 for the per-pair part on this machine, measured once per process (and per
+    device type and model configuration): the best of `repeats` timings of one block of up to `probe_images` x
+    `probe_texts` pairs of the given caches, after one untimed call each. Whether bf16 pays depends on the CPU (seen:
+    0.6x on one, 5x on another); the choice is logged.
+
+    Returns:
+        `torch.float32` or `torch.bfloat16`.
+    """
+    config = model.config.to_json_string(use_diff=False)
+    key = (_first_member(texts).attention_mask.device.type, type(model).__name__, config)
+    if key not in _DTYPE_CHOICES:
+        probe_images = select_items(images, slice(0, min(probe_images, num_items(images))))
+        probe_texts = select_items(texts, slice(0, min(probe_texts, num_items(texts))))
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            scorer = model if dtype == torch.float32 else _copy_in_dtype(model, dtype)
+            block_images, block_texts = _cast_cache(probe_images, dtype), _cast_cache(probe_texts, dtype)
+            with torch.no_grad():
+                scorer.similarity(block_images, block_texts)  # untimed: allocations, kernels
+                timings = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    scorer.similarity(block_images, block_texts)
+                    timings.append(time.perf_counter() - started)
+            seconds[dtype] = min(timings)
+        choice = min(seconds, key=seconds.get)
+        _DTYPE_CHOICES[key] = choice
+        logger.warning(
+            "scoring dtype auto: float32 %.1f ms, bfloat16 %.1f ms per probe block -> %s",
+            1e3 * seconds[torch.float32], 1e3 * seconds[torch.bfloat16], str(choice).replace("torch.", ""),
+        )
+    return _DTYPE_CHOICES[key]
+
+
 def refine_top_k(model, images, texts, scores, k, progress=True):
     """
     Re-scores with `model` (float32) the `k` best captions of every image, then the `k` best images of every caption,
@@ -229,8 +269,9 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         max_block_bytes (`int`): memory bound of one block of pairs; sets the block size, so that peak memory beyond
             the cached per-item tensors does not grow with the gallery. The scores do not depend on it.
         max_pairs_per_block (`int`, *optional*): explicit block size, overriding `max_block_bytes`.
-        dtype (`torch.dtype`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part in that dtype, on a
-            copy of the model and of the caches (faster than autocast: the element-wise passes dominate).
+        dtype (`torch.dtype` or `"auto"`, *optional*): `torch.bfloat16` (or `float16`) runs the per-pair part in that
+            dtype, on a copy of the model and of the caches (faster than autocast: the element-wise passes dominate);
+            `"auto"` takes the faster of float32 and bfloat16 measured here (`choose_scoring_dtype`); None: float32.
         refine_k (`int`): with a reduced `dtype`, the `refine_k` best captions of every image and best images of every
             caption are then re-scored in float32 (`refine_top_k`), so that R@K for K <= refine_k matches float32
             scoring (0: no refinement). Costs (N_img + N_txt) * refine_k pairs.
@@ -251,6 +292,10 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
             images = encode_images(model, images, progress=progress and is_main)
         if not is_cache(texts):
             texts = encode_texts(model, texts, progress=progress and is_main)
+        if isinstance(dtype, str):
+            if dtype != "auto":
+                raise ValueError(f"`dtype` must be a torch dtype, None or 'auto', got {dtype!r}")
+            dtype = choose_scoring_dtype(model, images, texts)
         options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
                        compile=compile, progress=progress and is_main)
         if accelerator is None or accelerator.num_processes == 1:

@@ -198,3 +198,35 @@ def test_two_process_sharding_matches_single_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     scores = torch.load(output)
     torch.testing.assert_close(scores["sharded"], scores["single"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("faster", [torch.float32, torch.bfloat16])
+def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch, caplog, faster):
+    """`dtype="auto"` times both dtypes on a probe block (here with a clock that makes `faster` 10x faster), takes the
+    faster, logs the choice, re-scores the top k in float32 when it takes bf16, and measures only once."""
+    from modeling_mpsm import scoring
+
+    model = tiny_model(seed=3)
+    images, texts = tiny_batches()
+    image_cache, text_cache = encode_images(model, images, progress=False), encode_texts(model, texts, progress=False)
+    monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
+    current = {"dtype": torch.float32, "now": 0.0}
+    real_similarity = MPSMModel.similarity
+
+    def timed_similarity(self, image, text):  # advances the fake clock by the cost of the dtype being probed
+        current["now"] += 1.0 if image.region_embeds.dtype == faster else 10.0
+        return real_similarity(self, image, text)
+
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: current["now"])
+    monkeypatch.setattr(MPSMModel, "similarity", timed_similarity)
+    with caplog.at_level("WARNING", logger="modeling_mpsm.scoring"):
+        choice = scoring.choose_scoring_dtype(model, image_cache, text_cache)
+    assert choice == faster and "scoring dtype auto" in caplog.text
+    assert str(faster).replace("torch.", "") in caplog.text.splitlines()[-1]
+    monkeypatch.setattr(MPSMModel, "similarity", real_similarity)
+    reference = score_matrix(model, image_cache, text_cache, progress=False)
+    automatic = score_matrix(model, image_cache, text_cache, dtype="auto", refine_k=20, progress=False)
+    torch.testing.assert_close(automatic, reference, atol=0 if faster == torch.float32 else 1e-6, rtol=0)
+    assert len(scoring._DTYPE_CHOICES) == 1  # measured once, reused by score_matrix
+    with pytest.raises(ValueError, match="dtype"):
+        score_matrix(model, image_cache, text_cache, dtype="fastest", progress=False)
