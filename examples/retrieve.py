@@ -4,13 +4,16 @@
         --query "a red car left of a dog" --k 10 --rerank_k 100 --index runs/f30k-test-index --explain top1.png
 
 The gallery's per-image outputs are computed once and, with `--index`, saved there (safetensors) and reused by later
-searches. `--explain` draws, for the best image, each word's attention over its region boxes.
+searches. `--explain` draws, for the best image, each word's attention over its region boxes. Bad inputs (a query
+with no words, `--k 0`, a missing model or split) end with one `error: ...` line and a non-zero exit status
+(`MPSM_TRACEBACK=1` shows the traceback).
 """
 
 import argparse
 import os
 import sys
 
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoModel
 
 import modeling_mpsm  # noqa: F401  (registers the MPSM classes with the Auto API)
@@ -19,6 +22,7 @@ from modeling_mpsm.data import image_batches, load_split
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.retrieval import METADATA_NAME, MPSMIndex, MPSMRetriever
 from modeling_mpsm.scoring import encode_images
+from modeling_mpsm.vocabulary import tokenize_caption
 from modeling_mpsm.visualization import plot_word_region_attention
 
 
@@ -34,11 +38,30 @@ def parse_args(argv=None):
     parser.add_argument("--explain", help="PNG path: per-word region attention on the best image.")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--parser", help="Dependency parser; default: the processor's setting.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not tokenize_caption(args.query):
+        parser.error(f"--query must hold at least one word, got {args.query!r}.")
+    for name in ("k", "rerank_k", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return search(args)
+    except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
+        # Bad inputs (missing or corrupt model or data) and I/O failures: one line naming the problem instead of a
+        # traceback, as in examples/evaluate_mpsm.py; MPSM_TRACEBACK=1 shows the traceback.
+        if os.environ.get("MPSM_TRACEBACK"):
+            raise
+        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+
+
+def search(args) -> int:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = MPSMProcessor.from_pretrained(args.model)
     parser_name = args.parser or processor.dependency_parser

@@ -54,6 +54,38 @@ from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_sca
 logger = get_logger(__name__)
 MODEL_FIELDS = set(inspect.signature(MPSMConfig.__init__).parameters) - {"self", "kwargs"}
 
+# Numeric flags and what they must be, checked after the command line and --config are merged (before torch or
+# Accelerate would fail on them with a message that does not name the flag, or silently ignore them).
+POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "lr_decay_factor")  # > 0 (--grad_clip may be inf: no clipping)
+NON_NEGATIVE_NUMBERS = ("weight_decay", "sum_violation_warmup_epochs")  # >= 0
+POSITIVE_INTEGERS = ("num_epochs", "max_train_steps", "batch_size", "gradient_accumulation_steps",
+                     "checkpoints_total_limit", "eval_steps", "eval_batch_size", "max_eval_images", "logging_steps",
+                     "max_nonfinite_steps", "vocab_min_count")  # >= 1 when given
+NON_NEGATIVE_INTEGERS = ("seed", "warmup_steps", "num_workers")  # >= 0 when given
+
+
+def check_numbers(parser, args):
+    """`parser.error` naming the first numeric flag whose value is out of its range."""
+    for name in POSITIVE_NUMBERS + NON_NEGATIVE_NUMBERS:
+        value = getattr(args, name)
+        positive = name in POSITIVE_NUMBERS
+        valid = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (value > 0 if positive else value >= 0)  # False for NaN
+            and (math.isfinite(value) or (name == "grad_clip" and value == math.inf))
+        )
+        if not valid:
+            expected = "a positive number" if positive else "a number >= 0"
+            parser.error(f"--{name} must be {expected}, got {value!r}.")
+    for name in POSITIVE_INTEGERS + NON_NEGATIVE_INTEGERS:
+        value = getattr(args, name)
+        minimum = 1 if name in POSITIVE_INTEGERS else 0
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            expected = "a positive integer" if minimum else "an integer >= 0"
+            parser.error(f"--{name} must be {expected}, got {value!r}.")
+    if any(not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 for epoch in args.lr_decay_epochs):
+        parser.error(f"--lr_decay_epochs must be integers >= 0 (epochs, 0-based), got {args.lr_decay_epochs!r}.")
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train MPSM for image-text retrieval.")
@@ -61,8 +93,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
     parser.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
     parser.add_argument("--member", choices=["dis", "dir"], help="Member to train from an ensemble's --config.")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values).")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
+                             "repeatable, a later value of the same KEY wins.")
     parser.add_argument("--similarity", choices=["distance", "direction", "joint"],
                         help="Similarity perspective (MPSMConfig.similarity); `joint` trains both heads.")
     parser.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
@@ -141,6 +174,7 @@ def parse_args(argv=None):
         if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) < 1:
             parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
         args.checkpointing_steps = int(args.checkpointing_steps)
+    check_numbers(parser, args)
     return args
 
 
@@ -257,7 +291,8 @@ def run(args, accelerator):
     state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log)
     logger.info(
         f"Done: {state.global_step} updates, best rsum {state.best_rsum:.2f} at step {state.best_step}, "
-        f"{state.nonfinite_steps} non-finite batches skipped.",
+        f"{state.nonfinite_steps} non-finite batches skipped, {state.overflow_steps} fp16 overflow updates skipped by "
+        "the gradient scaler.",
         main_process_only=True,
     )
     if args.debug_state_hash_file:

@@ -20,8 +20,9 @@ from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
 from .processing_mpsm import MPSMProcessor
 
 
-# The card templates live beside the paper-size configurations, at the top of the repository.
-HUB_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "hub_configs"
+# The card templates live beside the paper-size configurations, as package data (the repository's top-level
+# `hub_configs` points here), so that an installed wheel publishes as a source checkout does.
+HUB_CONFIGS_DIR = Path(__file__).resolve().parent / "hub_configs"
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")

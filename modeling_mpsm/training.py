@@ -33,6 +33,11 @@ BEST_RESULTS_FILE = "eval_results.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
 
+# Under an fp16 gradient scaler, an update the scaler skips (inf/NaN gradient) while its scale is already below this is
+# not a scaling overflow: the gradient is non-finite at any scale, so the package counts it as a non-finite gradient.
+MIN_LOSS_SCALE = 1.0
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when too many consecutive training steps had a non-finite loss or gradient."""
 
@@ -42,11 +47,13 @@ class TrainingState:
     """Progress of a run, saved in every checkpoint (registered with `accelerator.register_for_checkpointing`).
 
     Attributes:
-        global_step: optimizer updates done (skipped non-finite updates included).
+        global_step: optimizer updates done (skipped non-finite and overflow updates included).
         epoch: current epoch (0-based).
         batches_in_epoch: batches of the current epoch already consumed, on each process (the sampler position).
         best_rsum / best_step: best validation rsum so far and the step it was reached at.
         nonfinite_steps / nonfinite_in_row: batches skipped for a non-finite loss or gradient, in total and in a row.
+        overflow_steps: updates skipped by the fp16 gradient scaler for an inf/NaN gradient (it then lowers its
+            scale); not counted in `nonfinite_*`.
     """
 
     global_step: int = 0
@@ -56,6 +63,7 @@ class TrainingState:
     best_step: int = -1
     nonfinite_steps: int = 0
     nonfinite_in_row: int = 0
+    overflow_steps: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -353,7 +361,10 @@ def train_loop(
 
     Each batch: forward with the loss mode of `use_max_violation`, skip the batch if its loss is not finite on any
     process (or, at an update, if the gradient norm is not finite), backward, clip the gradient norm, update, step the
-    schedule. Every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same on
+    schedule. With an fp16 gradient scaler (`accelerator.scaler`), a non-finite gradient is the scaler's: the update
+    is still handed to `optimizer.step()`, which the scaler skips and follows with a lower scale; such updates are
+    counted in `state.overflow_steps` (`accelerator.optimizer_step_was_skipped`), not as non-finite, unless the scale
+    has already fallen below `MIN_LOSS_SCALE`. Every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same on
     every process) and, on a new best rsum, `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates (or
     each epoch) and at the end. Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row,
     leaving the last checkpoint as it was.
@@ -365,6 +376,7 @@ def train_loop(
         save_best: saves the current model as the best (called on every process).
     """
     unwrapped = accelerator.unwrap_model(model)
+    scaler = getattr(accelerator, "scaler", None)  # fp16 on a GPU: a GradScaler; otherwise None
     accumulation = accelerator.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(dataloader) / accumulation)
     max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
@@ -414,9 +426,17 @@ def train_loop(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                        finite = bool(torch.isfinite(grad_norm))
+                        if scaler is None:
+                            finite = bool(torch.isfinite(grad_norm))
                     if finite:
+                        # With a scaler, `clip_grad_norm_` has unscaled the gradients: the step must follow (and the
+                        # scaler's `update()` with it) even when they are not finite, or the next unscale fails.
                         optimizer.step()
+                        if scaler is not None and accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                            if scaler.get_scale() >= MIN_LOSS_SCALE:
+                                state.overflow_steps += 1
+                            else:
+                                finite = False  # not a scaling overflow: the package's non-finite gradient
                 optimizer.zero_grad()
             if finite:
                 state.nonfinite_in_row = 0
@@ -447,8 +467,10 @@ def train_loop(
                 record = {
                     "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
                     "lr": scheduler.get_last_lr()[0], "max_violation": max_violation,
-                    "nonfinite_steps": state.nonfinite_steps,
+                    "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
                 }
+                if scaler is not None:
+                    record["loss_scale"] = scaler.get_scale()
                 log.write(record)
                 accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=state.global_step)
                 progress.set_postfix(loss=f"{mean_loss:.4g}")

@@ -383,6 +383,52 @@ def test_training_cli_rejects_before_creating_the_run(data_dir, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("--learning_rate", "-1"), "--learning_rate must be a positive number, got -1.0."),
+        (("--learning_rate", "nan"), "--learning_rate must be a positive number, got nan."),
+        (("--weight_decay", "-0.1"), "--weight_decay must be a number >= 0, got -0.1."),
+        (("--grad_clip", "0"), "--grad_clip must be a positive number, got 0.0."),
+        (("--lr_decay_factor", "-0.5"), "--lr_decay_factor must be a positive number, got -0.5."),
+        (("--lr_decay_epochs", "-1"), "--lr_decay_epochs must be integers >= 0 (epochs, 0-based), got [-1]."),
+        (("--batch_size", "0"), "--batch_size must be a positive integer, got 0."),
+        (("--max_train_steps", "0"), "--max_train_steps must be a positive integer, got 0."),
+        (("--num_epochs", "0"), "--num_epochs must be a positive integer, got 0."),
+        (("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be a positive integer, got 0."),
+        (("--logging_steps", "0"), "--logging_steps must be a positive integer, got 0."),
+        (("--eval_steps", "0"), "--eval_steps must be a positive integer, got 0."),
+        (("--eval_batch_size", "0"), "--eval_batch_size must be a positive integer, got 0."),
+        (("--max_nonfinite_steps", "0"), "--max_nonfinite_steps must be a positive integer, got 0."),
+        (("--num_workers", "-1"), "--num_workers must be an integer >= 0, got -1."),
+        (("--seed", "-1"), "--seed must be an integer >= 0, got -1."),
+        (("--config", "{tmp}/lr.json"), "--learning_rate must be a positive number, got -1."),  # from the config file
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_training_cli_rejects_bad_numbers(data_dir, tmp_path, capsys, arguments, message):
+    """Refused up front, naming the flag and what is expected (before: torch's "Invalid learning rate: -1.0",
+    DataLoader's or a ZeroDivisionError, or the value silently ignored)."""
+    (tmp_path / "lr.json").write_text(json.dumps({"training": {"learning_rate": -1}}))
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    result = train(data_dir, tmp_path / "run", *arguments, capsys=capsys)
+    assert result.returncode == 2
+    assert_user_error(result, f"error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_cli_negative_learning_rate_subprocess(data_dir, tmp_path):
+    result = train(data_dir, tmp_path / "run", "--learning_rate", "-1")
+    assert result.returncode == 2
+    assert_user_error(result, "error: --learning_rate must be a positive number, got -1.0.")
+    assert "Invalid learning rate" not in result.stderr
+
+
+def test_training_cli_accepts_grad_clip_inf():
+    args = load_script("train_mpsm.py").parse_args(["--data_dir", "d", "--output_dir", "o", "--grad_clip", "inf"])
+    assert args.grad_clip == float("inf")  # no clipping
+
+
 def test_training_cli_read_only_output(data_dir, mount, tmp_path):
     target = read_only_dir(mount, tmp_path)
     result = train(data_dir, f"{target}/run")
@@ -484,3 +530,50 @@ def test_evaluation_results_disk_full_midway(model_dir, data_dir, tmp_path, monk
                           "--output_json", str(output / "results.json")])
     assert status == 2 and "No space left on device" in capsys.readouterr().err
     assert os.listdir(output) == []
+
+
+# ------------------------------------------------------------------------------------------------------ retrieval CLI
+def retrieve(model, data, *extra, capsys=None):
+    """The retrieval CLI as a subprocess, or in this process with `capsys`."""
+    args = ["--model", model, "--data_dir", data, "--parser", "fallback", *extra]
+    return run_main(capsys, "retrieve.py", *args) if capsys else run_script("retrieve.py", *args)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("--query", "   "), "error: --query must hold at least one word, got '   '."),
+        (("--query", ""), "error: --query must hold at least one word, got ''."),
+        (("--query", "... !!"), "error: --query must hold at least one word, got '... !!'."),
+        (("--query", "a dog", "--k", "0"), "error: --k must be a positive integer, got 0."),
+        (("--query", "a dog", "--k", "-3"), "error: --k must be a positive integer, got -3."),
+        (("--query", "a dog", "--rerank_k", "0"), "error: --rerank_k must be a positive integer, got 0."),
+        (("--query", "a dog", "--batch_size", "0"), "error: --batch_size must be a positive integer, got 0."),
+    ],
+    ids=["blank-query", "empty-query", "punctuation-query", "k-0", "k-negative", "rerank-k-0", "batch-size-0"],
+)
+def test_retrieval_cli_rejects(model_dir, data_dir, tmp_path, capsys, arguments, message):
+    result = retrieve(model_dir, data_dir, "--index", tmp_path / "index", *arguments, capsys=capsys)
+    assert result.returncode == 2
+    assert_user_error(result, message)
+    assert not (tmp_path / "index").exists()  # refused before the gallery is encoded
+
+
+def test_retrieval_cli_blank_query_subprocess(model_dir, data_dir):
+    result = retrieve(model_dir, data_dir, "--query", "   ")
+    assert result.returncode == 2
+    assert_user_error(result, "error: --query must hold at least one word, got '   '.")
+
+
+def test_retrieval_cli_missing_split(model_dir, data_dir, capsys):
+    result = retrieve(model_dir, data_dir, "--query", "a dog", "--split", "nowhere", capsys=capsys)
+    assert result.returncode == 2
+    assert_user_error(result, "error:", "nowhere")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_retrieval_cli_returns_k_results(model_dir, data_dir, capsys):
+    result = retrieve(model_dir, data_dir, "--query", "a dog", "--k", "3", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    ranks = [line.split(".")[0].strip() for line in result.stdout.splitlines() if "image" in line and "score" in line]
+    assert ranks == ["1", "2", "3"]

@@ -3,6 +3,7 @@ fresh process, non-finite steps skipped, exact resumption after SIGKILL)."""
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from modeling_mpsm import synthetic
 from modeling_mpsm.training import (
     EpochSampler,
+    NonFiniteLossError,
     TrainingState,
     create_optimizer,
     resolve_checkpoint,
@@ -118,6 +120,16 @@ def test_config_file_set_overrides_and_command_line(tmp_path):
     assert args.checkpointing_steps == 5
     with pytest.raises(SystemExit):
         load_train_script().parse_args(["--data_dir", "d", "--output_dir", "o", "--set", "not_a_field=1"])
+
+
+def test_set_is_repeatable():
+    """Each --set adds its fields (argparse keeps only the last --set without action="extend"); a KEY given twice
+    takes its last value."""
+    args = load_train_script().parse_args([
+        "--data_dir", "d", "--output_dir", "o", "--set", "embed_size=64", "kgid_layers=2", "--similarity", "direction",
+        "--set", "use_srgr=false", "--set", "kgid_layers=3",
+    ])
+    assert args.model_fields == {"similarity": "direction", "embed_size": 64, "kgid_layers": 3, "use_srgr": False}
 
 
 def read_log(output_dir):
@@ -234,3 +246,87 @@ def test_resume_after_sigkill_is_exact(scan_dir, tmp_path):
         assert torch.equal(expected[name], resumed[name]), name
     steps = [record["step"] for record in read_log(str(interrupted)) if "loss" in record]
     assert steps == list(range(1, 17))  # records of the killed run after its checkpoint were dropped
+
+
+# ------------------------------------------------------------------------------------------------ fp16 gradient scaler
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """`make(init_scale)`: an Accelerator set up as for fp16 training on a GPU, on the CPU: fp16 autocast of the
+    forward and a real `torch.amp.GradScaler` (Accelerate creates neither on a CPU, so both are set before
+    `accelerator.prepare`, which hands the scaler to the optimizer). Accelerate's shared state is reset before and
+    after, so the other in-process runs start from a clean state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    def make(init_scale):
+        reset()
+        accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        accelerator.native_amp = True
+        return accelerator
+
+    yield make
+    reset()
+
+
+def test_fp16_overflows_are_skipped_by_the_scaler_and_training_continues(scan_dir, tmp_path, fp16_accelerator):
+    """An initial loss scale of 2^20 makes the fp16 gradients overflow at first: each overflow update is skipped by
+    the scaler, which halves its scale, and counted; training runs to its last step with finite weights. (Before, the
+    loop skipped `optimizer.step()` itself, the scaler never updated, and the next `clip_grad_norm_` raised
+    "unscale_() has already been called on this optimizer since the last update()".) A NaN loss at update 1 is still
+    skipped and counted by the package, without touching the scale."""
+    init_scale, steps = 2.0**20, 16
+    script = load_train_script()
+    args = script.parse_args(train_args(scan_dir, tmp_path, "--max_train_steps", str(steps),
+                                        "--debug_inject_nan_at_step", "1"))
+    accelerator = fp16_accelerator(init_scale)
+    with pytest.warns(UserWarning, match="Non-finite loss or gradient at step 1"):
+        state = script.run(args, accelerator)
+    assert state.global_step == steps and state.nonfinite_steps == 1
+    assert 0 < state.overflow_steps < steps - 1  # some updates overflowed, some went through
+    assert accelerator.scaler.get_scale() == init_scale * 0.5**state.overflow_steps  # the scale fell once per overflow
+
+    records = [record for record in read_log(str(tmp_path)) if "loss" in record]
+    assert [record["step"] for record in records] == list(range(1, steps + 1))
+    assert records[0]["overflow_steps"] == 1 and records[0]["loss_scale"] == init_scale / 2
+    assert [record["nonfinite_steps"] for record in records[:3]] == [0, 1, 1]
+    assert all(record["loss_scale"] == init_scale * 0.5 ** record["overflow_steps"] for record in records)
+    assert records[-1]["overflow_steps"] == state.overflow_steps
+    assert all(record["loss"] is not None and math.isfinite(record["loss"]) for record in records[2:])
+
+    checkpoint = tmp_path / "checkpoints" / f"step_{steps}"
+    assert (checkpoint / "scaler.pt").is_file()  # the scale is part of the checkpoint (exact resumption)
+    optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    # Adam took exactly the updates that were neither a NaN loss nor an overflow.
+    assert {int(param["step"]) for param in optimizer_state["state"].values()} == {steps - 1 - state.overflow_steps}
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_fp16_gradient_not_finite_at_any_scale_stops_the_run(scan_dir, tmp_path, fp16_accelerator, monkeypatch):
+    """A gradient that is NaN whatever the scale: the scaler skips and halves (4 -> 2 -> 1, counted as overflows);
+    once the scale is below 1 the package counts the skips as non-finite gradients and stops after
+    --max_nonfinite_steps of them in a row."""
+    script = load_train_script()
+
+    class NaNGradientModel(script.MPSMModel):
+        def __init__(self, config):
+            super().__init__(config)
+            for parameter in self.parameters():
+                parameter.register_hook(lambda gradient: torch.full_like(gradient, math.nan))
+
+    monkeypatch.setattr(script, "MPSMModel", NaNGradientModel)
+    args = script.parse_args(train_args(scan_dir, tmp_path, "--max_train_steps", "8", "--max_nonfinite_steps", "2"))
+    accelerator = fp16_accelerator(4.0)
+    with pytest.warns(UserWarning, match="Non-finite loss or gradient at step 2"), \
+            pytest.raises(NonFiniteLossError, match=r"2 consecutive batches had a non-finite loss or gradient \(step 3\)"):
+        script.run(args, accelerator)
+    records = [record for record in read_log(str(tmp_path)) if "loss" in record]
+    assert [(r["step"], r["overflow_steps"], r["nonfinite_steps"], r["loss_scale"]) for r in records] == [
+        (1, 1, 0, 2.0), (2, 2, 0, 1.0), (3, 2, 1, 0.5)]

@@ -1,6 +1,5 @@
 import json
 import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -9,18 +8,20 @@ from hypothesis import strategies as st
 from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary, tokenize_caption
 
 
-# The real Flickr30K SCAN vocabulary lives in ../shared beside the repository (as in CI); $MPSM_SHARED_DIR or the
-# workplace's /work/shared otherwise (a clone elsewhere).
-SHARED_DIRS = [os.environ.get("MPSM_SHARED_DIR", ""), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
-F30K_VOCAB = next(
-    (str(Path(d) / "data" / "f30k_precomp_vocab.json") for d in SHARED_DIRS
-     if d and (Path(d) / "data" / "f30k_precomp_vocab.json").is_file()),
-    str(Path(__file__).resolve().parents[2] / "shared" / "data" / "f30k_precomp_vocab.json"),
-)
+# The real Flickr30K SCAN vocabulary: in $MPSM_SHARED_DIR/data when set, else in ../shared/data beside the repository
+# (as in CI). No machine-specific path: the tests that need it skip when neither holds the file.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB_NAME = "f30k_precomp_vocab.json"
+SHARED_DATA_DIRS = [os.path.join(os.environ["MPSM_SHARED_DIR"], "data")] if os.environ.get("MPSM_SHARED_DIR") else []
+SHARED_DATA_DIRS.append(os.path.join(REPO, "..", "shared", "data"))
+F30K_VOCAB = next((os.path.join(d, VOCAB_NAME) for d in SHARED_DATA_DIRS if os.path.isfile(os.path.join(d, VOCAB_NAME))),
+                  None)
 
 
 @pytest.fixture(scope="module")
 def f30k_word2idx():
+    if F30K_VOCAB is None:
+        pytest.skip(f"{VOCAB_NAME} is in none of {SHARED_DATA_DIRS} (set MPSM_SHARED_DIR to the shared folder)")
     return load_scan_vocabulary(F30K_VOCAB)
 
 

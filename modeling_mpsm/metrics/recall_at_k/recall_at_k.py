@@ -1,5 +1,5 @@
 """Recall@K for image-text retrieval from an image x caption similarity matrix (SCAN's i2t / t2i), as an `evaluate`
-metric. Load it offline from its folder: `evaluate.load("<repo>/modeling_mpsm/metrics/recall_at_k")`."""
+metric. Load it offline from its folder: `evaluate.load(modeling_mpsm.metrics.RECALL_AT_K)` from any directory."""
 
 import datasets
 import evaluate
@@ -22,7 +22,7 @@ Args:
 Returns:
     `i2t_r{k}` and `t2i_r{k}` for each k (percent), and `rsum`.
 Example:
-    >>> metric = evaluate.load("modeling_mpsm/metrics/recall_at_k")
+    >>> metric = evaluate.load(modeling_mpsm.metrics.RECALL_AT_K)
     >>> metric.compute(similarities=[[0.9, 0.1, 0.2, 0.1, 0.3, 0.1, 0.0, 0.2, 0.1, 0.3]], captions_per_image=5)
 """
 
