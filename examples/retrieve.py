@@ -62,11 +62,11 @@ def main(argv=None) -> int:
 
 
 def search(args) -> int:
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = MPSMProcessor.from_pretrained(args.model)
     parser_name = args.parser or processor.dependency_parser
     processor.parser = get_dependency_parser(parser_name)
-    dataset = load_split(args.data_dir, args.split, parser=processor.parser)
+    dataset = load_split(args.data_dir, args.split, parser=processor.parser)  # before the weights: a bad split fails fast
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
 
     retriever = MPSMRetriever(model, processor, rerank_k=args.rerank_k, batch_size=args.batch_size)
     if args.index and os.path.isfile(os.path.join(args.index, METADATA_NAME)):

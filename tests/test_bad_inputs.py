@@ -404,7 +404,10 @@ def test_training_cli_rejects_before_creating_the_run(data_dir, tmp_path, capsys
         (("--seed", "-1"), "--seed must be an integer >= 0, got -1."),
         (("--config", "{tmp}/lr.json"), "--learning_rate must be a positive number, got -1."),  # from the config file
     ],
-    ids=lambda value: value if isinstance(value, str) else None,
+    ids=["learning-rate-negative", "learning-rate-nan", "weight-decay-negative", "grad-clip-0", "lr-decay-factor-negative",
+         "lr-decay-epochs-negative", "batch-size-0", "max-train-steps-0", "num-epochs-0", "accumulation-0",
+         "logging-steps-0", "eval-steps-0", "eval-batch-size-0", "max-nonfinite-steps-0", "num-workers-negative",
+         "seed-negative", "learning-rate-negative-in-config"],
 )
 def test_training_cli_rejects_bad_numbers(data_dir, tmp_path, capsys, arguments, message):
     """Refused up front, naming the flag and what is expected (before: torch's "Invalid learning rate: -1.0",
