@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
     parser.add_argument("--split", help="Default: test for f30k, testall for coco1k/coco5k.")
     parser.add_argument("--output_json", help="Write the metrics here.")
+    parser.add_argument("--dataset_id", help="Dataset id written with the metrics (what a Hub card's model-index "
+                                             "names, e.g. nlphuji/flickr30k); default: the --data_dir folder's name.")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
                         help="Dtype of the per-pair scoring: 'auto' times float32 against bfloat16 here once and takes "
                              "the faster; bfloat16 (on a cast copy of the model) re-scores the top --refine_k of every "
@@ -136,7 +138,7 @@ def evaluate_and_report(args, accelerator) -> int:
             **{key: metrics[key] for key in METRIC_KEYS},
             "protocol": args.protocol,
             "split": args.split,
-            "dataset": os.path.basename(os.path.normpath(args.data_dir)),
+            "dataset": args.dataset_id or os.path.basename(os.path.normpath(args.data_dir)),
             "model": args.model if not args.model2 else [args.model, args.model2],
         }
         if members:

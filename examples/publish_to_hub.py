@@ -23,18 +23,20 @@ def main(argv=None):
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to upload to (created if needed); default: the main branch")
     parser.add_argument("--commit_message", help="defaults to 'Upload NAME'")
+    parser.add_argument("--base_model", nargs="+", help="Hub ids of the ensemble's published members (card metadata)")
     parser.add_argument("--dry_run", action="store_true", help="print the files and the card, upload nothing")
     args = parser.parse_args(argv)
 
     commit = publish(
         args.checkpoint,
         args.repo_id,
-        metrics_path=args.metrics,
+        metrics=args.metrics,
         private=args.private,
         dry_run=args.dry_run,
         revision=args.revision,
         processor_dir=args.processor,
         commit_message=args.commit_message,
+        base_models=args.base_model,
     )
     if commit is not None:
         print(f"Uploaded: {commit.commit_url}")

@@ -33,7 +33,9 @@ from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
 from modeling_mpsm.processing_mpsm import get_dependency_parser
+from modeling_mpsm.publishing import publish
 from modeling_mpsm.training import (
+    BEST_RESULTS_FILE,
     EpochSampler,
     LoopSettings,
     NonFiniteLossError,
@@ -134,6 +136,12 @@ def parse_args(argv=None):
     parser.add_argument("--with_tracking", action="store_true", help="Log to experiment trackers.")
     parser.add_argument("--report_to", default="all", help="Trackers: tensorboard, wandb, ... or all.")
     parser.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is available.")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="At the end, publish the best model with its processor and a card (needs --hub_model_id).")
+    parser.add_argument("--hub_model_id", help="Hub repository ORG/NAME for --push_to_hub.")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repository private.")
+    parser.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
+                                                 "default: the --data_dir folder's name.")
     # Testing aids, not shown in --help.
     parser.add_argument("--debug_inject_nan_at_step", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--debug_state_hash_file", help=argparse.SUPPRESS)
@@ -175,6 +183,9 @@ def parse_args(argv=None):
             parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
         args.checkpointing_steps = int(args.checkpointing_steps)
     check_numbers(parser, args)
+    hub_id_parts = (args.hub_model_id or "").split("/")
+    if args.push_to_hub and not (len(hub_id_parts) == 2 and all(hub_id_parts)):
+        parser.error(f"--push_to_hub needs --hub_model_id ORG/NAME, got {args.hub_model_id!r}.")
     return args
 
 
@@ -295,11 +306,25 @@ def run(args, accelerator):
         "the gradient scaler.",
         main_process_only=True,
     )
+    if args.push_to_hub and accelerator.is_main_process:
+        push_best_model(args)
     if args.debug_state_hash_file:
         path = args.debug_state_hash_file.format(rank=accelerator.process_index)
         with open(path, "w", encoding="utf-8") as file:
             file.write(state_hash(unwrapped) + "\n")
     return state
+
+
+def push_best_model(args):
+    """--push_to_hub: the best model of the run, published as examples/publish_to_hub.py does, its card's model-index
+    holding the validation results it was chosen by (split "dev")."""
+    with open(os.path.join(args.output_dir, BEST_RESULTS_FILE), encoding="utf-8") as file:
+        results = json.load(file)
+    dataset = args.dataset_id or os.path.basename(os.path.normpath(args.data_dir))
+    metrics = {**results, "dataset": dataset, "split": "dev"}
+    commit = publish(args.output_dir, args.hub_model_id, metrics, private=args.hub_private_repo,
+                     commit_message=f"Upload {args.hub_model_id.split('/')[-1]} (step {results.get('step')})")
+    logger.info(f"Pushed the best model to {commit.commit_url}", main_process_only=True)
 
 
 def main(argv=None) -> int:

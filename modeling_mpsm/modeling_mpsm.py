@@ -685,7 +685,31 @@ def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
         ) from error
 
 
-class MPSMPreTrainedModel(PreTrainedModel):
+class MPSMPushToHubMixin:
+    def push_to_hub(self, repo_id, *, processor=None, metrics=None, base_models=None, **kwargs):
+        """
+        Upload the model to the Hub repository `repo_id`.
+
+        With the `modeling_mpsm` package installed, the repository is the complete one its publishing script writes:
+        weights, code, a model card with a `model-index` of `metrics` (a dict or an evaluation JSON with
+        `i2t_r1 … t2i_r10, rsum, dataset`), `base_models` as the card's `base_model` (the ensemble's members), and the
+        `processor` with its tokenizer. Without the package (the model loaded as remote code), transformers'
+        `push_to_hub`. Other arguments (`private`, `token`, `revision`, `commit_message`, `create_pr`, `tags`, …) are
+        transformers'.
+        """
+        try:
+            from modeling_mpsm.publishing import push_model_to_hub
+        except ImportError:
+            if processor is not None or metrics is not None or base_models is not None:
+                raise ImportError(
+                    "push_to_hub(processor=, metrics=, base_models=) needs the modeling_mpsm package "
+                    "(pip install modeling_mpsm); push the processor with processor.push_to_hub(repo_id)"
+                ) from None
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model_to_hub(self, repo_id, processor=processor, metrics=metrics, base_models=base_models, **kwargs)
+
+
+class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     config_class = MPSMConfig
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
@@ -1014,7 +1038,7 @@ def chain_adjacency(attention_mask):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class MPSMEnsembleModel(PreTrainedModel):
+class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
     """MPSM* (the paper's best): a `dis` and a `dir` MPSM whose scores are averaged. Saved as one checkpoint."""
 
     config_class = MPSMEnsembleConfig

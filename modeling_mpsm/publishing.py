@@ -10,6 +10,7 @@ checkpoint); the card template `hub_configs/mpsm-ensemble/README.md` explains wh
 """
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
 from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
 from .processing_mpsm import MPSMProcessor
+
+
+logger = logging.getLogger(__name__)
 
 
 # The card templates live beside the paper-size configurations, as package data (the repository's top-level
@@ -29,12 +33,15 @@ RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 METRIC_KEYS = RECALL_KEYS + ("rsum",)
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
 CONFIG_CLASSES = {"mpsm": MPSMConfig, "mpsm_ensemble": MPSMEnsembleConfig}
+# The Hub has no image-text retrieval task over region features; the models embed images and captions and score
+# them, which is what the Hub's feature-extraction task lists.
+PIPELINE_TAG = "feature-extraction"
 CARD_TAGS = ["mpsm", "image-text-retrieval", "cross-modal-retrieval", "region-features", "custom_code"]
 
 
 def model_variant(config) -> str:
     """Name of the published variant of a configuration: "dis", "dir", "joint" or "ensemble"."""
-    if isinstance(config, MPSMEnsembleConfig):
+    if config.model_type == MPSMEnsembleConfig.model_type:  # also for the classes of a model loaded as remote code
         return "ensemble"
     return {"distance": "dis", "direction": "dir", "joint": "joint"}[config.similarity]
 
@@ -88,20 +95,31 @@ def check_checkpoint(checkpoint_dir, processor_dir=None):
     return config
 
 
-def load_metrics(path) -> dict:
+def check_metrics(metrics: dict, source) -> dict:
     """
-    Read an evaluation JSON: the numbers `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum` and a `dataset` name,
-    optionally a `split` and a `protocol` (e.g. "5-fold 1K"). Other keys are ignored.
+    Check evaluation results: the numbers `i2t_r1 i2t_r5 i2t_r10 t2i_r1 t2i_r5 t2i_r10 rsum` and a `dataset` id
+    (a Hub dataset id such as "nlphuji/flickr30k", or a name such as "synthetic-scenes"; not a local folder, which
+    means nothing on the Hub), optionally a `split` and a `protocol` (e.g. "5-fold 1K"). Other keys are ignored.
+    `source` names where they come from in the errors.
     """
-    with open(path, encoding="utf-8") as file:
-        metrics = json.load(file)
     missing = [key for key in METRIC_KEYS + ("dataset",) if key not in metrics]
     if missing:
-        raise ValueError(f"{path} lacks the keys {missing}")
+        raise ValueError(f"{source} lacks the keys {missing}")
     wrong = [key for key in METRIC_KEYS if isinstance(metrics[key], bool) or not isinstance(metrics[key], (int, float))]
     if wrong:
-        raise ValueError(f"{path}: {wrong} must be numbers")
+        raise ValueError(f"{source}: {wrong} must be numbers")
+    dataset = metrics["dataset"]
+    local = isinstance(dataset, str) and (Path(dataset).expanduser().exists() or dataset.startswith((".", "/", "~")))
+    if not isinstance(dataset, str) or local or dataset.count("/") > 1 or "\\" in dataset:
+        raise ValueError(f"{source}: 'dataset' must be a dataset id such as 'nlphuji/flickr30k' or "
+                         f"'synthetic-scenes', not the local path {dataset!r}")
     return metrics
+
+
+def load_metrics(path) -> dict:
+    """Read and check an evaluation JSON (see `check_metrics`)."""
+    with open(path, encoding="utf-8") as file:
+        return check_metrics(json.load(file), path)
 
 
 def eval_results(metrics: dict) -> list[EvalResult]:
@@ -139,11 +157,13 @@ def results_table(metrics: dict) -> str:
 
 
 def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | None = None, template_path=None,
-                     training_args: bool = False):
+                     training_args: bool = False, base_models: list[str] | None = None, tags: list[str] | None = None):
     """
     The model card of a checkpoint: metadata (library, tags, `model-index` from `metrics`) and the body rendered
     from the variant's template, `hub_configs/mpsm-{dis,dir,ensemble}/README.md` unless `template_path` is given.
-    `training_args` tells the card that the repository holds the run's `training_args.json`.
+    `training_args` tells the card that the repository holds the run's `training_args.json`; `base_models` are the
+    Hub ids the model was built from (the ensemble's published members). A `dataset` of the metrics that is a Hub id
+    ("org/name") is also listed in the card's `datasets`.
     """
     variant = model_variant(config)
     if template_path is None:
@@ -153,8 +173,11 @@ def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | 
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
         license="apache-2.0",
-        tags=CARD_TAGS,
+        tags=CARD_TAGS + [tag for tag in tags or () if tag not in CARD_TAGS],
+        datasets=[metrics["dataset"]] if metrics and "/" in metrics["dataset"] else None,
+        base_model=list(base_models) if base_models else None,
         eval_results=eval_results(metrics) if metrics else None,
     )
     return ModelCard.from_template(
@@ -168,15 +191,32 @@ def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | 
     )
 
 
-def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None = None, processor_dir=None,
-                  template_path=None) -> list[Path]:
+def write_repo(model, output_dir, repo_id: str, processor=None, metrics: dict | None = None, template_path=None,
+               training_args_file=None, base_models: list[str] | None = None, tags: list[str] | None = None,
+               max_shard_size="50GB"):
     """
-    Write the repository folder of a checkpoint into `output_dir` and return its files.
-
-    The model is loaded with the package's classes and saved again, so the folder holds safetensors weights and a
-    `config.json` with `auto_map` next to the code `save_pretrained` copies (`modeling_mpsm.py`,
+    Write the repository folder of a loaded `model` (and its `processor`) into `output_dir`: safetensors weights and
+    a `config.json` with `auto_map` next to the code `save_pretrained` copies (`modeling_mpsm.py`,
     `configuration_mpsm.py`); the processor's save adds `processing_mpsm.py` and the tokenizer files; the run's
-    `training_args.json` is copied when the checkpoint has one. Fails if the weights do not match the configuration.
+    `training_args.json` (local paths removed) when given; the model card. Returns the files written.
+    """
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    if training_args_file is not None:
+        write_public_training_args(training_args_file, output_dir / "training_args.json")
+    card = build_model_card(model.config, repo_id, model.num_parameters(), metrics, template_path,
+                            training_args=training_args_file is not None, base_models=base_models, tags=tags)
+    card.save(output_dir / "README.md")
+    return sorted(path for path in output_dir.rglob("*") if path.is_file())
+
+
+def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None = None, processor_dir=None,
+                  template_path=None, base_models: list[str] | None = None) -> list[Path]:
+    """
+    Check a checkpoint directory, load it with the package's classes and write its repository folder into
+    `output_dir` (`write_repo`); returns its files. Fails if the weights do not match the configuration.
     """
     config = check_checkpoint(checkpoint_dir, processor_dir)
     model_class = MPSMEnsembleModel if isinstance(config, MPSMEnsembleConfig) else MPSMModel
@@ -184,17 +224,10 @@ def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None
     mismatched = {name: keys for name, keys in loading_info.items() if keys and name != "error_msgs"}
     if mismatched:
         raise ValueError(f"the weights in {checkpoint_dir} do not match its config.json: {mismatched}")
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    MPSMProcessor.from_pretrained(processor_dir or checkpoint_dir).save_pretrained(output_dir)
+    processor = MPSMProcessor.from_pretrained(processor_dir or checkpoint_dir)
     training_args = Path(checkpoint_dir) / "training_args.json"
-    if training_args.is_file():
-        write_public_training_args(training_args, output_dir / training_args.name)
-    card = build_model_card(
-        model.config, repo_id, model.num_parameters(), metrics, template_path, training_args=training_args.is_file()
-    )
-    card.save(output_dir / "README.md")
-    return sorted(path for path in output_dir.rglob("*") if path.is_file())
+    return write_repo(model, output_dir, repo_id, processor, metrics, template_path,
+                      training_args if training_args.is_file() else None, base_models)
 
 
 LOCAL_PATH_SETTINGS = ("data_dir", "output_dir", "config", "vocab", "resume_from_checkpoint", "debug_state_hash_file")
@@ -210,41 +243,83 @@ def write_public_training_args(source, target):
         json.dump(settings, file, indent=2)
 
 
-def publish(checkpoint_dir, repo_id: str, metrics_path=None, private: bool = False, dry_run: bool = False,
-            revision: str | None = None, processor_dir=None, commit_message: str | None = None):
+def upload_repo(folder, repo_id: str, private: bool | None = False, revision: str | None = None,
+                commit_message: str | None = None, token=None, create_pr: bool = False,
+                commit_description: str | None = None):
+    """Create `repo_id` if needed (and the branch `revision`), then upload `folder` in one commit."""
+    api = HfApi(token=token) if token is not None else HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    upload = dict(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                  commit_message=commit_message or f"Upload {repo_id.split('/')[-1]}", revision=revision)
+    if create_pr:
+        upload["create_pr"] = True
+    if commit_description:
+        upload["commit_description"] = commit_description
+    return api.upload_folder(**upload)
+
+
+def print_dry_run(folder, files, repo_id: str, private, revision):
+    target = f"{repo_id}@{revision}" if revision else repo_id
+    print(f"Dry run: would upload {len(files)} files to {target} (private={private}):")
+    for path in files:
+        print(f"  {path.relative_to(folder)!s:<28} {path.stat().st_size:>14,} bytes")
+    print("\n" + (Path(folder) / "README.md").read_text(encoding="utf-8"))
+
+
+def as_metrics(metrics) -> dict | None:
+    """Evaluation results given as a dict or as the path of an evaluation JSON, checked (see `check_metrics`)."""
+    if metrics is None or isinstance(metrics, dict):
+        return None if metrics is None else check_metrics(metrics, "metrics")
+    return load_metrics(metrics)
+
+
+def publish(checkpoint_dir, repo_id: str, metrics=None, private: bool = False, dry_run: bool = False,
+            revision: str | None = None, processor_dir=None, commit_message: str | None = None,
+            base_models: list[str] | None = None):
     """
     Check, assemble and upload a checkpoint to the Hub repository `repo_id`.
 
     Args:
         checkpoint_dir: directory of the trained model (and of its processor unless `processor_dir` is given).
         repo_id (`str`): "org/name".
-        metrics_path: evaluation JSON (see `load_metrics`) whose results go in the card's `model-index`.
+        metrics: evaluation JSON path or dict (see `check_metrics`) whose results go in the card's `model-index`.
         private (`bool`): create the repository private.
         dry_run (`bool`): print the files (with sizes) and the card, upload nothing.
         revision (`str`, *optional*): branch to upload to (created if needed); the default branch otherwise.
         commit_message (`str`, *optional*): defaults to "Upload <name>".
+        base_models (`list[str]`, *optional*): Hub ids of the ensemble's published members, for the card's
+            `base_model`.
 
     Returns:
         The `CommitInfo` of the upload, or `None` for a dry run.
     """
-    metrics = load_metrics(metrics_path) if metrics_path is not None else None
+    metrics = as_metrics(metrics)
     with tempfile.TemporaryDirectory() as folder:
-        files = assemble_repo(checkpoint_dir, folder, repo_id, metrics, processor_dir)
+        files = assemble_repo(checkpoint_dir, folder, repo_id, metrics, processor_dir, base_models=base_models)
         if dry_run:
-            target = f"{repo_id}@{revision}" if revision else repo_id
-            print(f"Dry run: would upload {len(files)} files to {target} (private={private}):")
-            for path in files:
-                print(f"  {path.relative_to(folder)!s:<28} {path.stat().st_size:>14,} bytes")
-            print("\n" + (Path(folder) / "README.md").read_text(encoding="utf-8"))
+            print_dry_run(folder, files, repo_id, private, revision)
             return None
-        api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        return api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            repo_type="model",
-            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]}",
-            revision=revision,
-        )
+        return upload_repo(folder, repo_id, private, revision, commit_message)
+
+
+def push_model_to_hub(model, repo_id: str, *, processor=None, metrics=None, base_models: list[str] | None = None,
+                      commit_message: str | None = None, commit_description: str | None = None,
+                      private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
+                      max_shard_size="50GB", tags: list[str] | None = None):
+    """
+    What `MPSMModel.push_to_hub` / `MPSMEnsembleModel.push_to_hub` do when this package is installed: the same
+    complete repository as `publish` (weights, code, a card with `model-index` from `metrics` — a dict or an
+    evaluation JSON path — and the processor with its tokenizer when `processor` is given), uploaded in one commit.
+    The other arguments are those of transformers' `push_to_hub`.
+    """
+    metrics = as_metrics(metrics)
+    if processor is None:
+        logger.warning(f"push_to_hub without `processor`: {repo_id} gets no tokenizer and AutoProcessor cannot load "
+                       "it; pass `processor=` or push it too (`processor.push_to_hub(repo_id)`).")
+    with tempfile.TemporaryDirectory() as folder:
+        write_repo(model, folder, repo_id, processor, metrics, base_models=base_models, tags=tags,
+                   max_shard_size=max_shard_size)
+        return upload_repo(folder, repo_id, private, revision, commit_message, token=token, create_pr=create_pr,
+                           commit_description=commit_description)

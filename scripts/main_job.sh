@@ -34,7 +34,7 @@ done
 
 echo "== 3/6 evaluate dis, dir and MPSM* on test (f30k protocol)"
 "$PYTHON" examples/evaluate_mpsm.py --model "$OUT/mpsm-dis" --model2 "$OUT/mpsm-dir" --data_dir "$OUT/data" \
-    --split test --protocol f30k --output_json "$OUT/test_metrics.json" --cpu
+    --split test --protocol f30k --dataset_id synthetic-scenes --output_json "$OUT/test_metrics.json" --cpu
 
 echo "== 4/6 MPSM* as one checkpoint -> $OUT/mpsm-ensemble"
 "$PYTHON" - "$OUT" <<'PY'

@@ -304,3 +304,72 @@ def test_published_training_args_drop_local_paths(tmp_path):
     write_public_training_args(source, tmp_path / "public.json")
     public = json.loads((tmp_path / "public.json").read_text())
     assert public == {"model": {"embed_size": 8}, "training": {"learning_rate": 2e-4, "seed": 3}}
+
+
+# ---------------------------------------------------------------------------------------------------- push_to_hub
+
+
+def capture_upload(api):
+    """Make the mocked `HfApi().upload_folder` record the uploaded files and card before the folder is deleted."""
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploaded["files"] = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+        uploaded["card"] = ModelCard.load(folder / "README.md")
+        uploaded["config"] = json.loads((folder / "config.json").read_text())
+        return mock.sentinel.commit
+
+    api.upload_folder.side_effect = upload_folder
+    return uploaded
+
+
+def test_model_push_to_hub_uploads_the_same_repo_as_the_publishing_script(checkpoint, metrics_file):
+    with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
+        published = capture_upload(hf_api.return_value)
+        publish(checkpoint, "mpsm-org/mpsm-dis-tiny", metrics_file)
+    model = MPSMModel.from_pretrained(checkpoint)
+    processor = MPSMProcessor.from_pretrained(checkpoint)
+    with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
+        pushed = capture_upload(hf_api.return_value)
+        commit = model.push_to_hub("mpsm-org/mpsm-dis-tiny", processor=processor, metrics=METRICS, private=True,
+                                   commit_message="From the model", tags=["my-tag"])
+    assert commit is mock.sentinel.commit
+    api = hf_api.return_value
+    api.create_repo.assert_called_once_with("mpsm-org/mpsm-dis-tiny", private=True, exist_ok=True, repo_type="model")
+    api.upload_folder.assert_called_once_with(folder_path=mock.ANY, repo_id="mpsm-org/mpsm-dis-tiny",
+                                              repo_type="model", commit_message="From the model", revision=None)
+    assert pushed["files"] == published["files"]  # weights, config, code, processor, tokenizer, card
+    assert {"processing_mpsm.py", "tokenizer.json", "processor_config.json", "modeling_mpsm.py"} <= set(pushed["files"])
+    check_model_index(pushed["card"], METRICS)
+    assert pushed["card"].data.pipeline_tag == "feature-extraction" and "my-tag" in pushed["card"].data.tags
+    assert pushed["card"].text == published["card"].text
+    assert pushed["config"]["auto_map"]["AutoModel"] == "modeling_mpsm.MPSMModel"
+
+
+def test_ensemble_push_to_hub_names_its_members_as_base_models(tmp_path):
+    model = save_checkpoint(tmp_path / "checkpoint", ensemble=True)
+    members = ["mpsm-org/mpsm-dis-tiny", "mpsm-org/mpsm-dir-tiny"]
+    with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
+        pushed = capture_upload(hf_api.return_value)
+        model.push_to_hub("mpsm-org/mpsm-ensemble-tiny", processor=tiny_processor(),
+                          metrics={**METRICS, "dataset": "nlphuji/flickr30k"}, base_models=members)
+    card = pushed["card"]
+    assert card.data.base_model == members and card.data.datasets == ["nlphuji/flickr30k"]
+    assert {result.dataset_type for result in card.data.eval_results} == {"nlphuji/flickr30k"}
+    assert pushed["config"]["auto_map"]["AutoModel"] == "modeling_mpsm.MPSMEnsembleModel"
+
+
+def test_push_to_hub_without_processor_warns_and_metrics_must_name_a_dataset_id(checkpoint, tmp_path, caplog):
+    model = MPSMModel.from_pretrained(checkpoint)
+    with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
+        pushed = capture_upload(hf_api.return_value)
+        model.push_to_hub("mpsm-org/mpsm-dis-tiny")
+    assert "gets no tokenizer" in caplog.text and "tokenizer.json" not in pushed["files"]
+    assert pushed["card"].data.eval_results is None
+    local = tmp_path / "f30k_precomp"
+    local.mkdir()
+    for dataset in (str(local), "./data", "runs/main/data"):
+        with pytest.raises(ValueError, match="'dataset' must be a dataset id"):
+            with mock.patch("modeling_mpsm.publishing.HfApi"):
+                model.push_to_hub("mpsm-org/mpsm-dis-tiny", metrics={**METRICS, "dataset": dataset})

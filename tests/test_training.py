@@ -330,3 +330,42 @@ def test_fp16_gradient_not_finite_at_any_scale_stops_the_run(scan_dir, tmp_path,
     records = [record for record in read_log(str(tmp_path)) if "loss" in record]
     assert [(r["step"], r["overflow_steps"], r["nonfinite_steps"], r["loss_scale"]) for r in records] == [
         (1, 1, 0, 2.0), (2, 2, 0, 1.0), (3, 2, 1, 0.5)]
+
+
+def test_push_to_hub_publishes_the_best_model_with_its_dev_results(scan_dir, tmp_path):
+    """--push_to_hub --hub_model_id: the run's best model goes up as publish_to_hub.py would send it (HfApi mocked)."""
+    from unittest import mock
+
+    from huggingface_hub import ModelCard
+
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        uploaded["files"] = sorted(os.listdir(folder))
+        uploaded["card"] = ModelCard.load(os.path.join(folder, "README.md"))
+        return mock.Mock(commit_url="https://huggingface.co/mpsm-org/tiny/commit/0")
+
+    argv = train_args(scan_dir, tmp_path, "--max_train_steps", "3", "--push_to_hub", "--hub_model_id", "mpsm-org/tiny",
+                      "--hub_private_repo", "--dataset_id", "synthetic-scenes")
+    with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
+        hf_api.return_value.upload_folder.side_effect = upload_folder
+        assert load_train_script().main(argv) == 0
+    api = hf_api.return_value
+    api.create_repo.assert_called_once_with("mpsm-org/tiny", private=True, exist_ok=True, repo_type="model")
+    best = json.load(open(os.path.join(tmp_path, "eval_results.json")))
+    api.upload_folder.assert_called_once_with(folder_path=mock.ANY, repo_id="mpsm-org/tiny", repo_type="model",
+                                              commit_message=f"Upload tiny (step {best['step']})", revision=None)
+    assert {"model.safetensors", "tokenizer.json", "processing_mpsm.py", "training_args.json", "README.md"} <= set(
+        uploaded["files"]
+    )
+    results = {result.metric_name: result.metric_value for result in uploaded["card"].data.eval_results}
+    assert results["RSUM"] == best["rsum"]
+    assert {result.dataset_split for result in uploaded["card"].data.eval_results} == {"dev"}
+
+
+@pytest.mark.parametrize("hub_arguments", [[], ["--hub_model_id", "no-namespace"], ["--hub_model_id", "a/b/c"]])
+def test_push_to_hub_needs_a_repo_id(scan_dir, tmp_path, capsys, hub_arguments):
+    with pytest.raises(SystemExit):
+        load_train_script().parse_args(train_args(scan_dir, tmp_path, "--push_to_hub", *hub_arguments))
+    assert "--push_to_hub needs --hub_model_id ORG/NAME" in capsys.readouterr().err

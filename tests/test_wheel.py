@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
     metrics = {"i2t_r1": 1.0, "i2t_r5": 2.0, "i2t_r10": 3.0, "t2i_r1": 4.0, "t2i_r5": 5.0, "t2i_r10": 6.0, "rsum": 21.0,
                "dataset": "synthetic-scenes"}
     json.dump(metrics, open("metrics.json", "w"))
-    publish("ckpt", "org/mpsm-dis-test", metrics_path="metrics.json", dry_run=True)
+    publish("ckpt", "org/mpsm-dis-test", metrics="metrics.json", dry_run=True)
     recall = evaluate.load(modeling_mpsm.metrics.RECALL_AT_K)
     result = recall.compute(similarities=np.repeat(np.eye(3), 5, axis=1))
     assert result["rsum"] == 600.0, result
