@@ -172,8 +172,10 @@ def main(argv=None):
 
     # useful FLOPs per pair (no padding), checked against torch's flop counter on one caption length
     flops_per_pair = float(np.mean([pair_flops(config, length, config.num_regions) for length in lengths]))
-    probe = encode_texts(model, [{"input_ids": torch.randint(4, config.vocab_size, (64, int(lengths[0])))}], progress=False)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # 64 captions: the Gram matrix is 0.1% of it
+    probe = encode_texts(model, [{"input_ids": torch.randint(4, config.vocab_size, (256, int(lengths[0])))}],
+                         progress=False)
+    # 256 captions, run in 4 blocks of 64 (modeling_mpsm.CAPTION_BLOCKS): the Gram matrix per block is ~0.1% of it
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.similarity(select_items(images, slice(0, 2)), probe)
     counted = counter.get_total_flops() / (2 * len(probe.attention_mask))
     assert abs(counted / pair_flops(config, int(lengths[0]), config.num_regions) - 1) < 0.01, counted

@@ -24,7 +24,7 @@ from transformers import AutoModel
 
 import modeling_mpsm
 from modeling_mpsm import MPSMProcessor
-from modeling_mpsm.data import load_split
+from modeling_mpsm.data import dataset_name, load_split
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
@@ -38,12 +38,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
     parser.add_argument("--model", required=True, help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel).")
     parser.add_argument("--model2", help="Second model: evaluates the mean of both score matrices (MPSM*).")
-    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder or Arrow DatasetDict.")
+    parser.add_argument("--data_dir", required=True,
+                        help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
     parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
     parser.add_argument("--split", help="Default: test for f30k, testall for coco1k/coco5k.")
     parser.add_argument("--output_json", help="Write the metrics here.")
     parser.add_argument("--dataset_id", help="Dataset id written with the metrics (what a Hub card's model-index "
-                                             "names, e.g. nlphuji/flickr30k); default: the --data_dir folder's name.")
+                                             "names, e.g. nlphuji/flickr30k); default: the --data_dir Hub id, or its "
+                                             "folder's name.")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
                         help="Dtype of the per-pair scoring: 'auto' times float32 against bfloat16 here once and takes "
                              "the faster; bfloat16 (on a cast copy of the model) re-scores the top --refine_k of every "
@@ -74,7 +76,8 @@ def score_folds(path, args, accelerator):
     processor = MPSMProcessor.from_pretrained(path)
     parser_name = args.parser or processor.dependency_parser
     with accelerator.main_process_first():
-        dataset = load_split(args.data_dir, args.split, parser=get_dependency_parser(parser_name))
+        dataset = load_split(args.data_dir, args.split, parser=get_dependency_parser(parser_name),
+                             name=f"--data_dir {args.data_dir}")
     width = dataset.features["region_features"].shape[1]
     img_dim = (model.config.dis_config if hasattr(model.config, "dis_config") else model.config).img_dim
     if width != img_dim:
@@ -138,7 +141,7 @@ def evaluate_and_report(args, accelerator) -> int:
             **{key: metrics[key] for key in METRIC_KEYS},
             "protocol": args.protocol,
             "split": args.split,
-            "dataset": args.dataset_id or os.path.basename(os.path.normpath(args.data_dir)),
+            "dataset": args.dataset_id or dataset_name(args.data_dir),
             "model": args.model if not args.model2 else [args.model, args.model2],
         }
         if members:

@@ -1,18 +1,29 @@
-"""Search the images of a split with a free-text query: global-embedding first stage, MPSM re-ranking.
+"""Search the images of a split with free-text queries: global-embedding first stage, MPSM re-ranking.
 
     python examples/retrieve.py --model runs/mpsm-dis --data_dir data/f30k_precomp --split test \
         --query "a red car left of a dog" --k 10 --rerank_k 100 --index runs/f30k-test-index --explain top1.png
+    python examples/retrieve.py ... --first_stage ivf --nprobe 16      # approximate first stage (faiss IVF-Flat)
+    accelerate launch --num_processes 4 examples/retrieve.py ... --queries_file captions.txt --index /shared/index
 
 The gallery's per-image outputs are computed once and, with `--index`, saved there (safetensors) and reused by later
-searches. `--explain` draws, for the best image, each word's attention over its region boxes. Bad inputs (a query
-with no words, `--k 0`, a missing model or split) end with one `error: ...` line and a non-zero exit status
-(`MPSM_TRACEBACK=1` shows the traceback).
+searches. `--first_stage ivf|hnsw` makes the first stage approximate (`MPSMIndex`; the choice and its settings are
+saved with the index, `--nprobe` / `--ef_search` may change on a saved one). `--queries_file` searches every line;
+under `accelerate launch` (one or several machines) every process holds the whole gallery and re-ranks its own share
+of the queries, and the main process prints all results in file order. With `--index` the main process builds and
+saves the gallery first and the others load it (put it on a file system shared by the machines). `--explain` draws,
+for the best image, each word's attention over its region boxes. Bad inputs (a query with no words, `--k 0`, a
+missing model or split) end with one `error: ...` line and a non-zero exit status (`MPSM_TRACEBACK=1` shows the
+traceback).
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets.exceptions import DatasetGenerationError
 from transformers import AutoModel
 
@@ -20,7 +31,8 @@ import modeling_mpsm  # noqa: F401  (registers the MPSM classes with the Auto AP
 from modeling_mpsm import MPSMProcessor
 from modeling_mpsm.data import image_batches, load_split
 from modeling_mpsm.processing_mpsm import get_dependency_parser
-from modeling_mpsm.retrieval import METADATA_NAME, MPSMIndex, MPSMRetriever
+from modeling_mpsm import retrieval
+from modeling_mpsm.retrieval import FIRST_STAGES, METADATA_NAME, MPSMIndex, MPSMRetriever
 from modeling_mpsm.scoring import encode_images
 from modeling_mpsm.vocabulary import tokenize_caption
 from modeling_mpsm.visualization import plot_word_region_attention
@@ -29,21 +41,52 @@ from modeling_mpsm.visualization import plot_word_region_attention
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Text-to-image search with MPSM.")
     parser.add_argument("--model", required=True, help="Model folder (MPSMModel or MPSMEnsembleModel, with its processor).")
-    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder or Arrow DatasetDict.")
+    parser.add_argument("--data_dir", required=True,
+                        help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--query", required=True, help="The caption to search for.")
+    queries = parser.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--query", help="The caption to search for.")
+    queries.add_argument("--queries_file", help="Text file of captions, one per line (blank lines skipped): each is "
+                                                "searched; under `accelerate launch` the processes share them out.")
     parser.add_argument("--k", type=int, default=10, help="Results to show.")
     parser.add_argument("--rerank_k", type=int, default=100, help="First-stage candidates re-scored by the full model.")
     parser.add_argument("--index", help="Folder of the cached gallery: loaded when present, written otherwise.")
+    parser.add_argument("--first_stage", choices=FIRST_STAGES,
+                        help="First-stage search: flat (exact, the default for a new index), ivf (faiss IVF-Flat) or "
+                             "hnsw (faiss HNSW); ivf and hnsw need faiss. Default for a saved --index: its own.")
+    parser.add_argument("--nlist", type=int, help="ivf: lists (k-means centroids); default 4 * sqrt(gallery size).")
+    parser.add_argument("--nprobe", type=int, help="ivf: lists scanned per query (default 16; may change on a saved "
+                                                   "index).")
+    parser.add_argument("--ef_search", type=int, help="hnsw: candidates explored per query (default 128).")
     parser.add_argument("--explain", help="PNG path: per-word region attention on the best image.")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--parser", help="Dependency parser; default: the processor's setting.")
     args = parser.parse_args(argv)
-    if not tokenize_caption(args.query):
+    if args.query is not None and not tokenize_caption(args.query):
         parser.error(f"--query must hold at least one word, got {args.query!r}.")
-    for name in ("k", "rerank_k", "batch_size"):
-        if getattr(args, name) < 1:
+    if args.queries_file is not None:
+        if not os.path.isfile(args.queries_file):
+            parser.error(f"--queries_file {args.queries_file} is not a file.")
+        with open(args.queries_file) as file:
+            lines = [(number, line.strip()) for number, line in enumerate(file, 1) if line.strip()]
+        for number, line in lines:
+            if not tokenize_caption(line):
+                parser.error(f"line {number} of --queries_file {args.queries_file} holds no word: {line!r}.")
+        if not lines:
+            parser.error(f"--queries_file {args.queries_file} holds no caption.")
+        args.queries = [line for _, line in lines]
+    else:
+        args.queries = [args.query]
+    if args.explain and args.query is None:
+        parser.error("--explain needs --query (one caption), not --queries_file.")
+    for name in ("k", "rerank_k", "batch_size", "nlist", "nprobe", "ef_search"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    for name, stage in (("nlist", "ivf"), ("nprobe", "ivf"), ("ef_search", "hnsw")):
+        if getattr(args, name) is not None and args.first_stage not in (None, stage):
+            parser.error(f"--{name} applies to --first_stage {stage}, not {args.first_stage}.")
+    if args.first_stage in ("ivf", "hnsw") and retrieval.faiss is None:  # before the gallery is encoded
+        parser.error(f"--first_stage {args.first_stage} needs faiss (pip install faiss-cpu); without it only flat.")
     return args
 
 
@@ -51,7 +94,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return search(args)
-    except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
+    except (OSError, ValueError, KeyError, ImportError, DatasetGenerationError) as error:
         # Bad inputs (missing or corrupt model or data) and I/O failures: one line naming the problem instead of a
         # traceback, as in examples/evaluate_mpsm.py; MPSM_TRACEBACK=1 shows the traceback.
         if os.environ.get("MPSM_TRACEBACK"):
@@ -61,36 +104,64 @@ def main(argv=None) -> int:
         return 2
 
 
+def load_gallery(args, model, processor, dataset, is_main):
+    """The image gallery: loaded from `--index` when saved there, else encoded (and saved by the main process)."""
+    if args.index and os.path.isfile(os.path.join(args.index, METADATA_NAME)):
+        gallery = MPSMIndex.load(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
+        if args.first_stage not in (None, gallery.first_stage):
+            raise ValueError(f"the index in {args.index} has first_stage {gallery.first_stage!r}, not "
+                             f"{args.first_stage!r}: pass --first_stage {gallery.first_stage} or another --index")
+        if args.nlist is not None and args.nlist != gallery.nlist:
+            raise ValueError(f"the index in {args.index} was built with nlist {gallery.nlist}, not {args.nlist}")
+        return gallery
+    options = {name: getattr(args, name) for name in ("nlist", "nprobe", "ef_search") if getattr(args, name)}
+    cache = encode_images(model, image_batches(dataset, args.batch_size, processor), progress=is_main)
+    gallery = MPSMIndex(cache, first_stage=args.first_stage or "flat", **options).build()
+    if args.index and is_main:
+        gallery.save(args.index)
+    return gallery
+
+
 def search(args) -> int:
+    state = PartialState(cpu=True)  # one process, or the processes of `accelerate launch` (gloo)
     processor = MPSMProcessor.from_pretrained(args.model)
     parser_name = args.parser or processor.dependency_parser
     processor.parser = get_dependency_parser(parser_name)
-    dataset = load_split(args.data_dir, args.split, parser=processor.parser)  # before the weights: a bad split fails fast
+    # before the weights: a bad split fails fast
+    dataset = load_split(args.data_dir, args.split, parser=processor.parser, name=f"--data_dir {args.data_dir}")
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
 
     retriever = MPSMRetriever(model, processor, rerank_k=args.rerank_k, batch_size=args.batch_size)
-    if args.index and os.path.isfile(os.path.join(args.index, METADATA_NAME)):
-        retriever.images = MPSMIndex.load(args.index)
-    else:
-        cache = encode_images(model, image_batches(dataset, args.batch_size, processor))
-        retriever.images = MPSMIndex(cache)
-        if args.index:
-            retriever.images.save(args.index)
+    # With --index the main process encodes and saves the gallery first, and the other processes then load it.
+    with state.main_process_first() if args.index else contextlib.nullcontext():
+        retriever.images = load_gallery(args, model, processor, dataset, state.is_main_process)
 
-    results = retriever.search_text(args.query, k=args.k)
-    print(f"query: {args.query!r} ({len(retriever.images)} images, {args.rerank_k} re-ranked)")
-    for rank, result in enumerate(results, 1):
-        image = result["metadata"]
-        caption = dataset[image]["captions"][0]
-        print(f"{rank:3d}. image {image:6d}  score {result['score']:.4f}  ({caption})")
+    # Second stage, sharded: each process re-ranks its slice of the queries; the main process prints them all.
+    with state.split_between_processes(list(enumerate(args.queries))) as mine:
+        found = [(position, retriever.search_text(query, k=args.k)) for position, query in mine]
+    if state.num_processes > 1:
+        found = gather_object(found)
+    if state.is_main_process:
+        for position, results in sorted(found, key=lambda item: item[0]):
+            print(f"query: {args.queries[position]!r} ({len(retriever.images)} images, first stage "
+                  f"{retriever.images.describe()}, {args.rerank_k} re-ranked)")
+            for rank, result in enumerate(results, 1):
+                image = result["metadata"]
+                caption = dataset[image]["captions"][0]
+                print(f"{rank:3d}. image {image:6d}  score {result['score']:.4f}  ({caption})")
+        if state.num_processes > 1:
+            print(f"{len(args.queries)} queries re-ranked by {state.num_processes} processes")
 
-    if args.explain:
-        row = dataset.with_format("numpy")[results[0]["metadata"]]
+    if args.explain and state.is_main_process:
+        row = dataset.with_format("numpy")[dict(found)[0][0]["metadata"]]
         if not row["has_boxes"]:
             raise SystemExit(f"--explain needs region boxes; split {args.split!r} of {args.data_dir} has none")
         plot_word_region_attention(model, processor, args.query, row["region_features"], row["boxes"], None,
                                    args.explain)
         print(f"word-region attention of the best image written to {args.explain}")
+    state.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -7,7 +7,8 @@ examples).
         --set embed_size=256 sim_dim=64 --num_epochs 2 --batch_size 64
 
 `--data_dir` is a SCAN/GSMN folder (`train_ims.npy`, `train_caps.txt`, ...; converted to Arrow with dependency parses
-on first use, cached in `<data_dir>/arrow_cache`) or an Arrow `DatasetDict` from `examples/prepare_data.py`.
+on first use, cached in `<data_dir>/arrow_cache`), an Arrow `DatasetDict` or a Hub dataset folder (Parquet shards and a
+card) from `examples/prepare_data.py`, or the Hub id of such a dataset (read with `datasets.load_dataset`).
 The best model (validation rsum on `dev`) is saved in `--output_dir` itself, loadable with
 `AutoModel.from_pretrained(output_dir, trust_remote_code=True)` and `MPSMProcessor.from_pretrained(output_dir)`;
 resumable training states are in `<output_dir>/checkpoints/step_N`. See docs/training.md.
@@ -30,7 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, load_split
+from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import publish
@@ -91,7 +92,8 @@ def check_numbers(parser, args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train MPSM for image-text retrieval.")
-    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder or Arrow DatasetDict (train and dev).")
+    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder "
+                                                          "(Parquet) or Hub dataset id, with train and dev splits.")
     parser.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
     parser.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
     parser.add_argument("--member", choices=["dis", "dir"], help="Member to train from an ensemble's --config.")
@@ -141,7 +143,7 @@ def parse_args(argv=None):
     parser.add_argument("--hub_model_id", help="Hub repository ORG/NAME for --push_to_hub.")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repository private.")
     parser.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
-                                                 "default: the --data_dir folder's name.")
+                                                 "default: the --data_dir Hub id, or its folder's name.")
     # Testing aids, not shown in --help.
     parser.add_argument("--debug_inject_nan_at_step", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--debug_state_hash_file", help=argparse.SUPPRESS)
@@ -214,8 +216,8 @@ def run(args, accelerator):
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with accelerator.main_process_first():  # the main process converts and caches the data first
         parser = get_dependency_parser(args.parser)
-        train = load_split(args.data_dir, "train", parser=parser)
-        dev = load_split(args.data_dir, "dev", parser=parser)
+        train = load_split(args.data_dir, "train", parser=parser, name=f"--data_dir {args.data_dir}")
+        dev = load_split(args.data_dir, "dev", parser=parser, name=f"--data_dir {args.data_dir}")
     num_regions, img_dim = train.features["region_features"].shape
     processor = build_processor(args, train, dev, img_dim, num_regions)
 
@@ -320,7 +322,7 @@ def push_best_model(args):
     holding the validation results it was chosen by (split "dev")."""
     with open(os.path.join(args.output_dir, BEST_RESULTS_FILE), encoding="utf-8") as file:
         results = json.load(file)
-    dataset = args.dataset_id or os.path.basename(os.path.normpath(args.data_dir))
+    dataset = args.dataset_id or dataset_name(args.data_dir)
     metrics = {**results, "dataset": dataset, "split": "dev"}
     commit = publish(args.output_dir, args.hub_model_id, metrics, private=args.hub_private_repo,
                      commit_message=f"Upload {args.hub_model_id.split('/')[-1]} (step {results.get('step')})")
@@ -330,6 +332,7 @@ def push_best_model(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # not a line per file of every checkpoint
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

@@ -20,6 +20,9 @@ AutoConfig.register("mpsm_ensemble", MPSMEnsembleConfig, exist_ok=True)
 AutoModel.register(MPSMConfig, MPSMModel, exist_ok=True)
 AutoModel.register(MPSMEnsembleConfig, MPSMEnsembleModel, exist_ok=True)
 
+# importing the pipeline registers the "mpsm-retrieval" task with transformers' `pipeline()` in this process too
+from .pipeline_mpsm import MPSMRetrievalPipeline
+
 try:
     from .processing_mpsm import MPSMProcessor
 
@@ -36,4 +39,5 @@ __all__ = [
     "MPSMImageOutput",
     "MPSMTextOutput",
     "MPSMProcessor",
+    "MPSMRetrievalPipeline",
 ]

@@ -9,10 +9,11 @@ part (`similarity`) sees pairs, and it does so as batched tensor operations over
 Shapes: I images, T captions, n regions, L words, d = embed_size, m = sim_dim, P = I * T pairs.
 """
 
-import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
+
+
+# The per-pair part runs the captions of a batch in up to this many blocks of similar length (`MPSMModel.pair_logits`)
+CAPTION_BLOCKS = 4
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -489,17 +495,26 @@ class MPSMSimilarityRepresentation(nn.Module):
 
 
 class MaskedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm of one scalar per node whose batch statistics cover real nodes only. [P, K] -> [P, K]."""
+    """
+    BatchNorm of one scalar per node whose batch statistics cover the real nodes only, of every block of the batch
+    (the per-pair part runs the captions in blocks of similar length, see `MPSMModel.pair_logits`; the statistics
+    are those of the whole batch, as without blocks). list of [P_b, K_b] -> list of [P_b, K_b].
+    """
 
     def __init__(self):
         super().__init__(1)
 
-    def forward(self, values, mask):
+    def forward(self, blocks, masks):
         if not self.training and self.track_running_stats:  # eval: an affine map, no gather of the real nodes
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            return torch.addcmul(self.bias - self.running_mean * scale, values, scale) * mask
-        normalised = super().forward(values[mask].unsqueeze(1)).squeeze(1)
-        return values.new_zeros(values.shape).masked_scatter(mask, normalised.to(values.dtype))
+            shift = self.bias - self.running_mean * scale
+            return [torch.addcmul(shift, values, scale) * mask for values, mask in zip(blocks, masks)]
+        real = torch.cat([values[mask] for values, mask in zip(blocks, masks)])
+        normalised = super().forward(real.unsqueeze(1)).squeeze(1).split([int(mask.sum()) for mask in masks])
+        return [
+            values.new_zeros(values.shape).masked_scatter(mask, part.to(values.dtype))
+            for values, mask, part in zip(blocks, masks, normalised)
+        ]
 
 
 class MPSMSRGRStep(nn.Module):
@@ -527,22 +542,31 @@ class MPSMSRGRStep(nn.Module):
         self.in_refine = nn.Linear(m, m, bias=False)  # W₂* (eq 19)
         self.merge = nn.Linear(m, m)  # W*, b* (eq 20)
 
-    def edges(self, nodes, mask):
-        """Eq 16: row-normalised (E→, E←), each [P, K, K], rows over valid nodes summing to 1."""
-        scores = F.linear(nodes, torch.cat([self.out_score.weight, self.in_score.weight]))  # one pass: [P, K, 2]
-        out_scores = self.out_norm(scores[..., 0], mask)
-        in_scores = self.in_norm(scores[..., 1], mask)
-        valid = mask.unsqueeze(1).to(nodes.dtype)
-        forward_edges = torch.sigmoid(out_scores.unsqueeze(2) + in_scores.unsqueeze(1)) * valid
-        backward_edges = torch.sigmoid(in_scores.unsqueeze(2) + out_scores.unsqueeze(1)) * valid
-        return forward_edges / forward_edges.sum(-1, keepdim=True), backward_edges / backward_edges.sum(-1, keepdim=True)
+    def edges(self, blocks, masks):
+        """Eq 16, per block: row-normalised (E→, E←), each [P_b, K_b, K_b], rows over valid nodes summing to 1."""
+        weight = torch.cat([self.out_score.weight, self.in_score.weight])
+        scores = [F.linear(nodes, weight) for nodes in blocks]  # one pass: [P_b, K_b, 2]
+        out_scores = self.out_norm([score[..., 0] for score in scores], masks)
+        in_scores = self.in_norm([score[..., 1] for score in scores], masks)
+        edges = []
+        for out_score, in_score, mask in zip(out_scores, in_scores, masks):
+            valid = mask.unsqueeze(1).to(out_score.dtype)
+            forward_edges = torch.sigmoid(out_score.unsqueeze(2) + in_score.unsqueeze(1)) * valid
+            backward_edges = torch.sigmoid(in_score.unsqueeze(2) + out_score.unsqueeze(1)) * valid
+            edges.append((forward_edges / forward_edges.sum(-1, keepdim=True),
+                          backward_edges / backward_edges.sum(-1, keepdim=True)))
+        return edges
 
-    def forward(self, nodes, mask, first_only=False):
+    def forward(self, blocks, masks, first_only=False):
         """
-        nodes [P, K, m], mask [P, K] -> [P, K, m]; with `first_only`, only the first (global) node is reconstructed,
-        [P, 1, m] (the last round, whose other nodes the score does not read).
+        blocks: list of nodes [P_b, K_b, m], masks: list of [P_b, K_b] -> list of [P_b, K_b, m]; with `first_only`,
+        only the first (global) node is reconstructed, [P_b, 1, m] (the last round, whose other nodes the score does
+        not read). The blocks share only the batch statistics of eq 16's batch norms.
         """
-        forward_edges, backward_edges = self.edges(nodes, mask)
+        return [self.reconstruct(nodes, *edges, first_only) for nodes, edges in zip(blocks, self.edges(blocks, masks))]
+
+    def reconstruct(self, nodes, forward_edges, backward_edges, first_only):
+        """Eq 17-20 for one block: nodes [P, K, m] and its edges [P, K, K] -> [P, K, m] (or [P, 1, m])."""
         if first_only:
             forward_edges, backward_edges = forward_edges[:, :1], backward_edges[:, :1]
         forward_nodes = self.out_message(forward_edges @ nodes)  # eq 17, E (S Uᵀ) = (E S) Uᵀ
@@ -553,6 +577,15 @@ class MPSMSRGRStep(nn.Module):
         refined_forward = add_linear(forward_nodes, gate * forward_nodes, self.out_refine.weight)  # eq 19
         refined_backward = add_linear(backward_nodes, gate * backward_nodes, self.in_refine.weight)
         return l2norm(self.merge(refined_forward + refined_backward))  # eq 20, normalised
+
+
+class PairBlock(NamedTuple):
+    """The inputs of the similarity nodes for the pairs of one block of captions (see `MPSMSimilarityHead.forward`)."""
+
+    local_pairs: tuple | None
+    local_mask: torch.Tensor | None
+    local_weights: torch.Tensor | None
+    global_pair: tuple
 
 
 class MPSMSimilarityHead(nn.Module):
@@ -577,39 +610,48 @@ class MPSMSimilarityHead(nn.Module):
         self.srgr = nn.ModuleList(MPSMSRGRStep(config) for _ in range(config.srgr_steps if config.use_srgr else 0))
         self.evaluate = nn.Linear(config.sim_dim, 1)  # w_eval, b
 
-    def forward(self, local_pairs, local_mask, local_weights, global_pair):
+    def forward(self, nodes, masks, checkpoint=None):
         """
+        SRGR (eq 16-20) and the read-out over the similarity nodes of the pairs of a batch, in blocks of captions of
+        similar length (see `MPSMModel.pair_logits`).
+
         Args:
-            local_pairs: (attended, target) local node inputs, broadcastable to [..., k, d] with P pairs in the
-                leading axes (e.g. [I, T, k, d] and [T, k, d]), or None for "global" alignment.
-            local_mask [P, k]: real local nodes. local_weights [P, k]: node weights (seed 002), or None.
-            global_pair: (v̄, t̄), broadcastable to [..., d] with P pairs in the leading axes.
+            nodes: list of [P_b, K_b, m] similarity nodes per block (`similarity_nodes`); masks: list of [P_b, K_b].
+            checkpoint (*optional*): `checkpoint(function, *args)` to recompute each SRGR round in the backward pass
+                instead of keeping its intermediates (gradient checkpointing).
         Returns:
-            `torch.FloatTensor` [P]: logits; the scores are their σ.
+            list of `torch.FloatTensor` [P_b]: the logits of each block; the scores are their σ.
+        """
+        read_global = self.use_srgr and self.global_similarity is not None
+        for index, step in enumerate(self.srgr):
+            first_only = read_global and index == len(self.srgr) - 1
+            nodes = checkpoint(step, nodes, masks, first_only) if checkpoint else step(nodes, masks, first_only)
+        # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
+        # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
+        readouts = [block[:, 0] if read_global else masked_mean(block, mask) for block, mask in zip(nodes, masks)]
+        return [self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1) for readout in readouts]
+
+    def similarity_nodes(self, block):
+        """
+        The similarity nodes of one block of pairs (eq 10-15), [P, K, m], and their mask [P, K]: [s_g, s_1 … s_k].
+
+        `block` is a `PairBlock`: local_pairs, the (attended, target) local node inputs broadcastable to [..., k, d]
+        with P pairs in the leading axes (e.g. [I, T_b, k, d] and [T_b, k, d]), or None for "global" alignment;
+        local_mask [P, k]; local_weights [P, k] (seed 002) or None; global_pair (v̄, t̄) broadcastable to [..., d].
         """
         nodes, masks = [], []
         if self.global_similarity is not None:
-            global_nodes = self.global_similarity(*global_pair)
+            global_nodes = self.global_similarity(*block.global_pair)
             nodes.append(global_nodes.reshape(-1, 1, global_nodes.shape[-1]))
             masks.append(torch.ones_like(nodes[0][:, :, 0], dtype=torch.bool))
         if self.local_similarity is not None:
-            local_nodes = self.local_similarity(*local_pairs)
+            local_nodes = self.local_similarity(*block.local_pairs)
             local_nodes = local_nodes.reshape(-1, *local_nodes.shape[-2:])
-            if local_weights is not None:
-                local_nodes = local_nodes * local_weights.unsqueeze(-1)
+            if block.local_weights is not None:
+                local_nodes = local_nodes * block.local_weights.unsqueeze(-1)
             nodes.append(local_nodes)
-            masks.append(local_mask)
-        nodes, mask = torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0], torch.cat(masks, 1)
-        read_global = self.use_srgr and self.global_similarity is not None
-        for index, step in enumerate(self.srgr):
-            nodes = step(nodes, mask, first_only=read_global and index == len(self.srgr) - 1)
-        if read_global:
-            readout = nodes[:, 0]
-        else:
-            readout = masked_mean(nodes, mask)
-        # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
-        # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
-        return self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1)
+            masks.append(block.local_mask)
+        return (torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0]), torch.cat(masks, 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -685,6 +727,38 @@ def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
         ) from error
 
 
+def _save_retrieval_pipeline(model, save_directory, is_main_process):
+    """
+    With the model's code (`auto_map`), `save_pretrained` also writes the retrieval pipeline: `pipeline_mpsm.py` in the
+    folder and its `custom_pipelines` entry in config.json, so that `pipeline(model=folder, trust_remote_code=True)`
+    builds an `MPSMRetrievalPipeline`.
+    """
+    if not model.is_remote_code():
+        return
+    # imported here, not at the top: the pipeline module imports transformers' Pipeline machinery
+    from .pipeline_mpsm import MPSMRetrievalPipeline, custom_pipelines
+
+    model.config.custom_pipelines = custom_pipelines()
+    if is_main_process:
+        os.makedirs(save_directory, exist_ok=True)
+        custom_object_save(MPSMRetrievalPipeline, save_directory)
+
+
+def _forward_needs_both(input_ids, region_features):
+    """The error of `forward` called without one of the modalities, e.g. by the 'feature-extraction' pipeline."""
+    if region_features is None:
+        given = "neither" if input_ids is None else "`input_ids` only"
+    else:
+        given = "`region_features` only"
+    return ValueError(
+        f"MPSM's forward scores images against captions and needs both `input_ids` and `region_features` (got "
+        f"{given}). For the features of one modality use `get_text_features` / `get_image_features` (or "
+        "`encode_text` / `encode_image`); with `pipeline()`, MPSM runs as the 'mpsm-retrieval' task: "
+        "`pipeline('mpsm-retrieval', model=..., trust_remote_code=True)` (the 'feature-extraction' task is not "
+        "supported)."
+    )
+
+
 class MPSMPushToHubMixin:
     def push_to_hub(self, repo_id, *, processor=None, metrics=None, base_models=None, **kwargs):
         """
@@ -713,8 +787,9 @@ class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     config_class = MPSMConfig
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
-    # `gradient_checkpointing_enable()` recomputes the per-pair part (cross attention, similarity nodes, SRGR) in the
-    # backward pass instead of keeping its [I, T, L, d] intermediates; SRGR's batch norms then see each batch twice
+    # `gradient_checkpointing_enable()` recomputes the per-pair part in the backward pass instead of keeping its
+    # intermediates, in segments: cross attention + similarity nodes block by block of captions ([I, T_b, L_b, d]), then
+    # each SRGR round; SRGR's batch norms then see each batch twice (their running statistics move twice per update)
     supports_gradient_checkpointing = True
     # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
     _keep_in_fp32_modules_strict = ["evaluate"]
@@ -722,6 +797,11 @@ class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the retrieval pipeline's file and `custom_pipelines` entry."""
+        _save_retrieval_pipeline(self, save_directory, is_main_process)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -881,63 +961,92 @@ class MPSMModel(MPSMPreTrainedModel):
         Logits of every image against every caption, per perspective (the per-pair part: steps 5-7); the scores are
         their σ, so both rank alike.
 
-        Padding beyond the longest caption / largest region count of the block is dropped first.
+        The per-pair work grows with the caption length, so the captions are sorted by length and run in up to
+        `CAPTION_BLOCKS` blocks, each cut to its own longest caption (in one block every pair would pay for the
+        longest caption of the batch: about twice the work at Flickr30K's caption lengths). The blocks share SRGR's
+        batch statistics, so the logits are those of one block. Region padding beyond the largest count is dropped.
         Returns:
             `dict[str, torch.FloatTensor]`: perspective -> [I, T] logits (mean over streams).
         """
         num_regions = int(image.region_mask.sum(1).max())
-        num_words = int(text.attention_mask.sum(1).max())
         regions, region_mask = image.region_embeds[:, :num_regions], image.region_mask[:, :num_regions]
-        words, word_mask = text.word_embeds[:, :num_words], text.attention_mask[:, :num_words]
-        word_weights = text.word_weights[:, :num_words]
-        if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T, n, d]
-            regions = l2norm(regions.unsqueeze(1) * text.guidance[None, :, None, :]) * region_mask[:, None, :, None]
-        items = (regions, region_mask, words, word_mask, word_weights, image.image_embeds, text.text_embeds)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        lengths = text.attention_mask.sum(1)
+        order = lengths.argsort(stable=True)
+        blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
+        for index in order.tensor_split(min(CAPTION_BLOCKS, len(order))):
+            num_words = int(lengths[index].max())
+            block_regions = regions
+            if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T_b, n, d]
+                guidance = text.guidance[index][None, :, None, :]
+                block_regions = l2norm(regions.unsqueeze(1) * guidance) * region_mask[:, None, :, None]
+            blocks += [block_regions, text.word_embeds[index, :num_words], text.attention_mask[index, :num_words],
+                       text.word_weights[index, :num_words], text.text_embeds[index]]
         logits = {}
         for stream in self.config.stream_names:
-            if checkpointing:  # the [I, T, L, d] intermediates are recomputed in the backward pass, not kept
-                stream_logits = self._gradient_checkpointing_func(functools.partial(self.stream_logits, stream), *items)
-            else:
-                stream_logits = self.stream_logits(stream, *items)
-            for perspective, value in zip(self.config.perspectives, stream_logits):
+            for perspective, value in zip(self.config.perspectives,
+                                          self.stream_logits(stream, region_mask, image.image_embeds, *blocks)):
                 logits[perspective] = logits.get(perspective, 0) + value / len(self.config.stream_names)
-        return logits
+        inverse = order.argsort()  # back to the captions' order
+        return {perspective: value[:, inverse] for perspective, value in logits.items()}
 
-    def stream_logits(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+    def stream_logits(self, stream, region_mask, image_embeds, *blocks):
         """
         One stream's logits per perspective: cross attention (step 5), similarity nodes (eq 10-15), SRGR (eq 16-20).
 
-        Args: regions [I, n, d] (or [I, T, n, d] with seed 002's guidance), region_mask [I, n], words [T, L, d],
-            word_mask [T, L], word_weights [T, L], image_embeds [I, d], text_embeds [T, d].
+        Args: region_mask [I, n], image_embeds [I, d], then per block of T_b captions (flat, five tensors each):
+            regions [I, n, d] (or [I, T_b, n, d] with seed 002's guidance), words [T_b, L_b, d], word_mask [T_b, L_b],
+            word_weights [T_b, L_b], text_embeds [T_b, d].
         Returns:
-            `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`.
+            `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`, the blocks'
+            captions side by side.
         """
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        checkpoint = self._gradient_checkpointing_func if checkpointing else None
+        perspective_nodes = {perspective: ([], []) for perspective in self.config.perspectives}
+        for regions, words, word_mask, word_weights, text_embeds in zip(*[iter(blocks)] * 5):
+            arguments = (stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
+            # checkpointed block by block: the [I, T_b, L_b, d] intermediates of one block at a time are kept
+            block_nodes = checkpoint(self.block_nodes, *arguments) if checkpoint else self.block_nodes(*arguments)
+            for perspective, (nodes, mask) in zip(self.config.perspectives, block_nodes):
+                perspective_nodes[perspective][0].append(nodes)
+                perspective_nodes[perspective][1].append(mask)
+        num_images, sizes = len(region_mask), [len(text_embeds) for text_embeds in blocks[4::5]]
+        return tuple(
+            torch.cat([
+                logits.view(num_images, size)
+                for logits, size in zip(self.heads[f"{stream}_{perspective}"](nodes, masks, checkpoint), sizes)
+            ], dim=1)
+            for perspective, (nodes, masks) in perspective_nodes.items()
+        )
+
+    def block_nodes(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+        """Cross attention (step 5) and the similarity nodes (eq 10-15) of every image against one block of captions:
+        per perspective, (nodes [P, K, m], mask [P, K])."""
+        block = self.pair_block(stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
+        return tuple(
+            self.heads[f"{stream}_{perspective}"].similarity_nodes(block) for perspective in self.config.perspectives
+        )
+
+    def pair_block(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+        """The inputs of the similarity nodes of every image against a block of T captions (step 5), a `PairBlock`."""
         num_images, num_texts = len(region_mask), len(word_mask)
         pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
         global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
         if self.config.alignment == "global":
-            local_pairs = local_mask = local_weights = None
-        elif stream == "t2i":  # words attend to regions (the paper)
+            return PairBlock(None, None, None, global_pair)
+        if stream == "t2i":  # words attend to regions (the paper)
             attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
-            local_pairs = (attended, words)  # [I, T, L, d], [T, L, d]
             local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
             local_weights = (  # seed 002 weighs the word nodes; otherwise `local_mask` alone drops padding
                 word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
                 if self.config.word_self_attention else None
             )
-        else:  # seed 004: regions attend to words
-            attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
-            target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
-            local_pairs = (attended, target)
-            local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
-            local_weights = None
-        return tuple(
-            self.heads[f"{stream}_{perspective}"](local_pairs, local_mask, local_weights, global_pair).view(
-                num_images, num_texts
-            )
-            for perspective in self.config.perspectives
-        )
+            return PairBlock((attended, words), local_mask, local_weights, global_pair)  # [I, T, L, d], [T, L, d]
+        # seed 004: regions attend to words
+        attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
+        target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
+        local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
+        return PairBlock((attended, target), local_mask, None, global_pair)
 
     @staticmethod
     def scores_from_logits(logits):
@@ -1009,7 +1118,7 @@ class MPSMModel(MPSMPreTrainedModel):
         of the output's non-None fields.
         """
         if input_ids is None or region_features is None:
-            raise ValueError("MPSMModel.forward needs both `input_ids` and `region_features`")
+            raise _forward_needs_both(input_ids, region_features)
         image = self.encode_image(region_features, boxes, region_mask, image_sizes)
         text = self.encode_text(input_ids, attention_mask, dependency_adjacency)
         logits = self.pair_logits(image, text)
@@ -1049,6 +1158,11 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the retrieval pipeline's file and `custom_pipelines` entry."""
+        _save_retrieval_pipeline(self, save_directory, is_main_process)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def __init__(self, config: MPSMEnsembleConfig):
         super().__init__(config)

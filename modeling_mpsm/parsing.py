@@ -5,7 +5,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .processing_mpsm import DependencyParser, caption_key, get_dependency_parser, tokenize_caption
 
@@ -76,7 +76,7 @@ def parse_captions(
     keys = [caption_key(tokenize_caption(caption)) for caption in captions]
     missing = [key for key in dict.fromkeys(keys) if key not in cache]
     try:
-        with tqdm(total=len(missing), desc="Parsing captions", unit="caption", disable=not progress) as bar:
+        with progress_bar(total=len(missing), desc="Parsing captions", unit="caption", disable=not progress) as bar:
             for start in range(0, len(missing), batch_size):
                 batch = missing[start : start + batch_size]
                 for key, heads in zip(batch, parser.parse_batch([key.split(" ") if key else [] for key in batch])):

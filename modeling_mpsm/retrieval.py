@@ -1,14 +1,18 @@
 """Two-stage retrieval with MPSM: a global-embedding first stage, then the full model re-ranks the top candidates.
 
 The first stage ranks the gallery by v̄·t̄ (the global features, trained with `config.global_loss_weight > 0` to be
-good at this), with faiss `IndexFlatIP` when installed and a torch matmul otherwise; the full per-pair model re-scores
-the `rerank_k` best and returns the top `k`. `MPSMIndex` holds a gallery's cached per-item outputs and saves them with
-safetensors (plus a small json of metadata); `MPSMRetriever` ties a model, its processor and the two galleries.
+good at this): exactly by default (`faiss.knn` when faiss is installed, a torch matmul otherwise), or approximately
+for galleries past exact search, with a faiss IVF-Flat or HNSW index (`MPSMIndex(..., first_stage="ivf")`); the full
+per-pair model re-scores the `rerank_k` best and returns the top `k`. `MPSMIndex` holds a gallery's cached per-item
+outputs and saves them with safetensors (plus a small json of metadata and, for an approximate first stage, the faiss
+index); `MPSMRetriever` ties a model, its processor and the two galleries.
 """
 
 import json
+import math
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import ModelOutput
@@ -18,12 +22,21 @@ from .scoring import _first_member, concatenate_outputs, encode_images, encode_t
 
 try:
     import faiss
-except ImportError:  # the first stage falls back to a torch matmul
+except ImportError:  # the exact first stage falls back to a torch matmul; ivf / hnsw need faiss
     faiss = None
 
 
 TENSORS_NAME = "index.safetensors"
 METADATA_NAME = "index.json"
+FAISS_NAME = "first_stage.faiss"
+FIRST_STAGES = ("flat", "ivf", "hnsw")
+IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: min(N, 64 * nlist) items (faiss warns below 39 per centroid)
+# benchmarks/first_stage.py, 1M x 1024, nlist 4000: nprobe 2 is the cheapest with recall@100 >= 95 % (95.7 %) at
+# >= 10x less latency than exact; 16 keeps a margin for real embeddings (100 %, 31x; ~1 ms per query, small next to
+# re-ranking 100 candidates).
+DEFAULT_NPROBE = 16
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_SEARCH = 128
 
 
 def global_embeddings(cache):
@@ -44,17 +57,61 @@ class MPSMIndex:
     A gallery of images or captions: cached per-item outputs of the model, their first-stage embeddings and one
     metadata entry (any json value, e.g. an id or the caption) per item.
 
+    The first stage ranks the gallery by inner product of the global embeddings:
+
+    - `first_stage="flat"` (default): exact, `faiss.knn` (BLAS, no copy of the gallery) or a torch matmul without faiss.
+    - `first_stage="ivf"`: faiss `IndexIVFFlat` with inner product. k-means trains `nlist` centroids on
+      min(N, 64 * nlist) gallery items sampled with `seed`; a query scans the items of its `nprobe` nearest lists
+      (about nprobe / nlist of the gallery), so recall drops below exact search as `nprobe` shrinks, and
+      `nprobe == nlist` gives the flat results. A query whose lists hold fewer than k items is searched again with
+      twice the lists until they do. `nlist` defaults to 4 * sqrt(N) (at most N / 39, at least 1).
+    - `first_stage="hnsw"`: faiss `IndexHNSWFlat` with inner product, `hnsw_m` links per node; a query explores
+      max(`ef_search`, k) candidates. On 1M x 1024 synthetic items it took 1.5x IVF's build time and reached
+      lower recall than IVF at equal latency (docs/benchmarks.md); IVF is the one to use at that scale.
+
+    The approximate index is built (trained and filled) by `build()`, or at the first `search`; `add` then adds the
+    new items to it without re-training (the centroids stay those of the first items: call `rebuild()` after the
+    gallery has grown or changed a lot). `nprobe` and `ef_search` are read at every search and may be changed on a
+    built index. `save` writes the built faiss index (`first_stage.faiss`, `faiss.write_index`) next to the cache, so
+    that `load` does not re-train; its options go into `index.json`.
+
     Args:
         cache: [`MPSMImageOutput`] or [`MPSMTextOutput`] over N items (or an ensemble's dict of them).
         metadata (`list`, *optional*): N json-serialisable entries; defaults to the item positions.
+        first_stage (`str`): "flat", "ivf" or "hnsw" (the last two need faiss).
+        nlist (`int`, *optional*): IVF lists (k-means centroids); needs at least `nlist` items when built.
+        nprobe (`int`, *optional*): IVF lists scanned per query (capped at `nlist`); default `DEFAULT_NPROBE`.
+        hnsw_m (`int`): HNSW links per node (graph degree; memory and build time grow with it).
+        ef_search (`int`, *optional*): HNSW candidate list size per query; default `DEFAULT_EF_SEARCH`.
+        seed (`int`): the IVF training sample and k-means initialisation.
     """
 
-    def __init__(self, cache, metadata=None):
+    def __init__(self, cache, metadata=None, first_stage="flat", nlist=None, nprobe=None, hnsw_m=DEFAULT_HNSW_M,
+                 ef_search=None, seed=0):
+        if first_stage not in FIRST_STAGES:
+            raise ValueError(f"`first_stage` must be one of {', '.join(map(repr, FIRST_STAGES))}, got {first_stage!r}")
+        if first_stage != "flat" and faiss is None:
+            raise ImportError(f"first_stage={first_stage!r} needs faiss (pip install faiss-cpu); without it only the "
+                              f"exact first_stage='flat' is available")
+        for name, value, stage in (("nlist", nlist, "ivf"), ("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw"),
+                                   ("hnsw_m", None if hnsw_m == DEFAULT_HNSW_M else hnsw_m, "hnsw")):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+            if first_stage != stage:
+                raise ValueError(f"`{name}` applies to first_stage={stage!r}, not first_stage={first_stage!r}")
         self.cache = cache
         self.metadata = list(range(num_items(cache))) if metadata is None else list(metadata)
         if len(self.metadata) != num_items(cache):
             raise ValueError(f"got {len(self.metadata)} metadata entries for {num_items(cache)} items")
         self.embeddings = global_embeddings(cache)
+        self.first_stage = first_stage
+        self.nlist = nlist
+        self.nprobe = DEFAULT_NPROBE if nprobe is None and first_stage == "ivf" else nprobe
+        self.hnsw_m = hnsw_m
+        self.ef_search = DEFAULT_EF_SEARCH if ef_search is None and first_stage == "hnsw" else ef_search
+        self.seed = seed
         self._faiss = None
 
     def __len__(self):
@@ -65,18 +122,88 @@ class MPSMIndex:
         """The kind of items held: "image" or "text"."""
         return "image" if isinstance(_first_member(self.cache), MPSMImageOutput) else "text"
 
+    @property
+    def options(self):
+        """The first stage's settings (what `index.json` stores): {"first_stage", ...}."""
+        if self.first_stage == "ivf":
+            return {"first_stage": "ivf", "nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
+        if self.first_stage == "hnsw":
+            return {"first_stage": "hnsw", "hnsw_m": self.hnsw_m, "ef_search": self.ef_search}
+        return {"first_stage": "flat"}
+
+    def describe(self):
+        """One line: e.g. "ivf (nlist 4000, nprobe 16)" or "flat (exact)"."""
+        options = {name: value for name, value in self.options.items() if name not in ("first_stage", "seed")}
+        settings = ", ".join(f"{name} {'auto' if value is None else value}" for name, value in options.items())
+        return f"{self.first_stage} ({settings or 'exact'})"
+
+    @property
+    def is_built(self):
+        """Whether the approximate first stage has been trained and filled (always True for "flat")."""
+        return self.first_stage == "flat" or self._faiss is not None
+
+    def _numpy(self, embeddings):
+        return embeddings.detach().float().cpu().contiguous().numpy()
+
+    def build(self):
+        """Trains and fills the approximate first stage if not done yet (no-op for "flat"); returns the index."""
+        if self.is_built:
+            return self
+        count, dim = self.embeddings.shape
+        embeddings = self._numpy(self.embeddings)
+        if self.first_stage == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            nlist = self.nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+            if count < nlist:
+                raise ValueError(f"first_stage='ivf' trains nlist={nlist} centroids (k-means) on the gallery, which "
+                                 f"needs at least nlist={nlist} items; the gallery holds {count}: lower `nlist` "
+                                 f"(or leave it unset: 4 * sqrt(N)) or add items before the first search")
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = self.seed
+            index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST  # the sample below, not faiss's own
+            sample = embeddings
+            if count > IVF_TRAIN_POINTS_PER_LIST * nlist:
+                rows = np.random.default_rng(self.seed).choice(count, IVF_TRAIN_POINTS_PER_LIST * nlist, replace=False)
+                sample = embeddings[np.sort(rows)]
+            index.train(sample)
+            self.nlist = nlist
+        index.add(embeddings)
+        self._faiss = index
+        return self
+
+    def rebuild(self):
+        """
+        Re-trains and refills the approximate first stage on the whole current gallery (same `nlist`; set
+        `index.nlist = None` first for 4 * sqrt(N) of the current size); returns the index.
+        """
+        self._faiss = None
+        return self.build()
+
     def add(self, cache, metadata=None):
-        """Appends the items of `cache` (same kind and members) with their metadata (default: their positions)."""
+        """
+        Appends the items of `cache` (same kind and members) with their metadata (default: their positions). A built
+        approximate first stage gets the new embeddings without re-training.
+        """
         start = len(self)
         metadata = list(range(start, start + num_items(cache))) if metadata is None else list(metadata)
+        if len(metadata) != num_items(cache):
+            raise ValueError(f"got {len(metadata)} metadata entries for {num_items(cache)} items")
         self.cache = concatenate_outputs([self.cache, cache])
         self.metadata += metadata
         self.embeddings = global_embeddings(self.cache)
-        self._faiss = None
+        if self._faiss is not None:
+            self._faiss.add(self._numpy(self.embeddings[start:]))
+
+    def _exact(self, queries, k):
+        if faiss is None:
+            return (queries @ self.embeddings.cpu().float().T).topk(k, dim=1)
+        scores, indices = faiss.knn(queries.numpy(), self._numpy(self.embeddings), k, faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(scores), torch.from_numpy(indices).long()
 
     def search(self, query_embeddings, k):
         """
-        First stage: the `k` best items by inner product with each query.
+        First stage: the `k` best items by inner product with each query (exact for "flat", approximate otherwise).
 
         Args:
             query_embeddings (`torch.FloatTensor` [Q, d]): from `global_embeddings` of the other modality.
@@ -84,18 +211,32 @@ class MPSMIndex:
             (scores [Q, k] float32, indices [Q, k] long), best first.
         """
         k = min(k, len(self))
-        queries = query_embeddings.float().cpu()
-        if faiss is None:
-            scores, indices = (queries @ self.embeddings.cpu().T).topk(k, dim=1)
+        queries = query_embeddings.detach().float().cpu().contiguous()
+        if self.first_stage == "flat":
+            scores, indices = self._exact(queries, k)
             return scores, indices
-        if self._faiss is None:
-            self._faiss = faiss.IndexFlatIP(self.embeddings.shape[1])
-            self._faiss.add(self.embeddings.cpu().contiguous().numpy())
-        scores, indices = self._faiss.search(queries.contiguous().numpy(), k)
-        return torch.from_numpy(scores), torch.from_numpy(indices).long()
+        self.build()
+        if self.first_stage == "ivf":
+            nprobe = self._faiss.nprobe = max(1, min(self.nprobe, self.nlist))
+        else:
+            self._faiss.hnsw.efSearch = self.ef_search
+        scores, indices = self._faiss.search(queries.numpy(), k)
+        scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
+        short = (indices < 0).any(1)  # IVF: the probed lists held fewer than k items
+        while self.first_stage == "ivf" and short.any() and nprobe < self.nlist:
+            nprobe = self._faiss.nprobe = min(2 * nprobe, self.nlist)  # those queries again, with twice the lists
+            scores[short], indices[short] = map(torch.from_numpy, self._faiss.search(queries[short].numpy(), k))
+            short = (indices < 0).any(1)
+        if short.any():  # HNSW (a graph cut off from some items, in principle): exact search for those queries
+            scores[short], indices[short] = self._exact(queries[short].contiguous(), k)
+        return scores, indices
 
     def save(self, directory):
-        """Writes `index.safetensors` (every tensor of the cache) and `index.json` (kind, members, metadata)."""
+        """
+        Writes `index.safetensors` (every tensor of the cache), `index.json` (kind, members, metadata, first-stage
+        options) and, when the approximate first stage is built, `first_stage.faiss` (`faiss.write_index`; it holds a
+        copy of the global embeddings, a few % of the cache's size at paper size).
+        """
         os.makedirs(directory, exist_ok=True)
         members = {None: self.cache} if isinstance(self.cache, ModelOutput) else self.cache
         tensors = {}
@@ -103,13 +244,23 @@ class MPSMIndex:
             for name, value in output.items():
                 tensors[name if member is None else f"{member}.{name}"] = value.detach().cpu().contiguous()
         save_file(tensors, os.path.join(directory, TENSORS_NAME))
-        info = {"kind": self.kind, "members": None if None in members else list(members), "metadata": self.metadata}
+        faiss_path = os.path.join(directory, FAISS_NAME)
+        if self.first_stage != "flat" and self._faiss is not None:
+            faiss.write_index(self._faiss, faiss_path)
+        elif os.path.exists(faiss_path):
+            os.remove(faiss_path)  # a stale index of an earlier save
+        info = {"kind": self.kind, "members": None if None in members else list(members), "metadata": self.metadata,
+                **self.options, "faiss_index": FAISS_NAME if self.first_stage != "flat" and self._faiss is not None
+                else None}
         with open(os.path.join(directory, METADATA_NAME), "w") as f:
             json.dump(info, f)
 
     @classmethod
-    def load(cls, directory, device="cpu"):
-        """Reads an index written by `save`."""
+    def load(cls, directory, device="cpu", nprobe=None, ef_search=None):
+        """
+        Reads an index written by `save` (older ones, without first-stage options, are "flat"). `nprobe` /
+        `ef_search` override the saved search settings of an "ivf" / "hnsw" index.
+        """
         with open(os.path.join(directory, METADATA_NAME)) as f:
             info = json.load(f)
         tensors = load_file(os.path.join(directory, TENSORS_NAME), device=str(device))
@@ -121,7 +272,23 @@ class MPSMIndex:
                 member: output_class(**{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(member + ".")})
                 for member in info["members"]
             }
-        return cls(cache, info["metadata"])
+        first_stage = info.get("first_stage", "flat")
+        options = {"first_stage": first_stage}
+        if first_stage == "ivf":
+            options.update(nlist=info["nlist"], nprobe=nprobe or info["nprobe"], seed=info["seed"])
+        elif first_stage == "hnsw":
+            options.update(hnsw_m=info["hnsw_m"], ef_search=ef_search or info["ef_search"])
+        for name, value, stage in (("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw")):
+            if value is not None and first_stage != stage:
+                raise ValueError(f"`{name}` applies to first_stage={stage!r}; the index in {directory} has "
+                                 f"first_stage={first_stage!r}")
+        index = cls(cache, info["metadata"], **options)
+        if info.get("faiss_index"):
+            index._faiss = faiss.read_index(os.path.join(directory, info["faiss_index"]))
+            if index._faiss.ntotal != len(index):
+                raise ValueError(f"{os.path.join(directory, info['faiss_index'])} holds {index._faiss.ntotal} items "
+                                 f"but the gallery {len(index)}: the files come from different saves")
+        return index
 
 
 @torch.no_grad()
@@ -176,13 +343,16 @@ class MPSMRetriever:
             inputs must already be model inputs (`input_ids`, ... tensors).
         rerank_k (`int`): first-stage candidates re-scored by the full model.
         batch_size (`int`): items per encoding batch.
+        index_options (`dict`, *optional*): keyword arguments of the [`MPSMIndex`] galleries made by `add_images` /
+            `add_texts`, e.g. `{"first_stage": "ivf", "nprobe": 16}`.
     """
 
-    def __init__(self, model, processor=None, rerank_k=100, batch_size=128):
+    def __init__(self, model, processor=None, rerank_k=100, batch_size=128, index_options=None):
         self.model = model.eval()
         self.processor = processor
         self.rerank_k = rerank_k
         self.batch_size = batch_size
+        self.index_options = dict(index_options or {})
         self.images = None
         self.texts = None
 
@@ -221,7 +391,7 @@ class MPSMRetriever:
         """Adds images ([B, n, f] region features, [B, n, 4] boxes, ...) to the image gallery."""
         cache = self.encode_images(region_features, boxes, image_sizes, region_mask)
         if self.images is None:
-            self.images = MPSMIndex(cache, metadata)
+            self.images = MPSMIndex(cache, metadata, **self.index_options)
         else:
             self.images.add(cache, metadata)
 
@@ -229,7 +399,7 @@ class MPSMRetriever:
         """Adds captions (strings, or model-input tensors without a processor) to the caption gallery."""
         cache = self.encode_texts(text)
         if self.texts is None:
-            self.texts = MPSMIndex(cache, metadata)
+            self.texts = MPSMIndex(cache, metadata, **self.index_options)
         else:
             self.texts.add(cache, metadata)
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress_bar
 from transformers.utils import ModelOutput
 
 from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
@@ -87,7 +87,7 @@ def num_items(cache):
 
 @torch.no_grad()
 def _encode(encode, batches, progress, description):
-    outputs = [encode(**batch) for batch in tqdm(batches, desc=description, disable=not progress)]
+    outputs = [encode(**batch) for batch in progress_bar(batches, desc=description, disable=not progress)]
     if not outputs:
         raise ValueError("no batches to encode")
     return concatenate_outputs(outputs)
@@ -177,7 +177,7 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     device = text_output.attention_mask.device
     scores = torch.empty(num_images, num_texts, dtype=torch.float32, device=device)
     similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
-    bar = tqdm(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
+    bar = progress_bar(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
     start = 0
     with bar:
         while start < num_texts:  # caption groups, longest first; a group's block size follows its longest caption
@@ -241,7 +241,7 @@ def refine_top_k(model, images, texts, scores, k, progress=True):
     """
     num_images, num_texts = scores.shape
     k_texts, k_images = min(k, num_texts), min(k, num_images)
-    bar = tqdm(total=num_images + num_texts, desc="refining top k", disable=not progress)
+    bar = progress_bar(total=num_images + num_texts, desc="refining top k", disable=not progress)
     with bar:
         for image, candidates in enumerate(scores.topk(k_texts, dim=1).indices):  # image-to-text
             scores[image, candidates] = model.similarity(

@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 
 CAPTIONS_PER_IMAGE = 5
@@ -454,7 +454,7 @@ def write_split(output_dir: str, split: str, num_images: int, rng, basis: Featur
 
     def write_features(tmp: str) -> None:
         features = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_images, num_regions, feature_dim))
-        for start in tqdm(range(0, num_images, chunk_size), desc=f"{split} features", unit="chunk"):
+        for start in progress_bar(range(0, num_images, chunk_size), desc=f"{split} features", unit="chunk"):
             stop = min(start + chunk_size, num_images)
             recipes, noises = [], []
             for i in range(start, stop):

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -381,7 +381,7 @@ def train_loop(
     updates_per_epoch = math.ceil(len(dataloader) / accumulation)
     max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    progress = tqdm(total=max_steps, initial=state.global_step, desc="training",
+    progress = progress_bar(total=max_steps, initial=state.global_step, desc="training",
                     disable=not accelerator.is_local_main_process)
     window = []  # finite losses since the last log record
     warned_collapse = False
@@ -473,7 +473,7 @@ def train_loop(
                     record["loss_scale"] = scaler.get_scale()
                 log.write(record)
                 accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=state.global_step)
-                progress.set_postfix(loss=f"{mean_loss:.4g}")
+                progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
                 window = []
                 if not warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
                     warned_collapse = True

@@ -68,7 +68,25 @@ def plot_word_region_attention(model, processor_or_inputs, caption, region_featu
         `torch.FloatTensor` [L, n]: the attention drawn.
     """
     words, attention = word_region_attention(model, processor_or_inputs, caption, region_features, boxes, image_size)
+    return draw_word_region_attention(words, attention, boxes, image_size, path, top_regions, image, columns)
+
+
+def draw_word_region_attention(words, attention, boxes, image_size, path, top_regions=3, image=None, columns=4):
+    """
+    The drawing of `plot_word_region_attention` from a computed attention, e.g. the `words` and `attention` of a result
+    of the "mpsm-retrieval" pipeline called with `return_attention=True`.
+
+    Args:
+        words (`list[str]`): the L tokens of the caption. attention ([L, n]): each word's attention over the regions.
+        boxes, image_size, path, top_regions, image, columns: see `plot_word_region_attention`.
+    Returns:
+        `torch.FloatTensor` [L, n]: the attention drawn.
+    """
+    attention = torch.as_tensor(attention, dtype=torch.float32)
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if attention.shape[0] != len(words) or attention.shape[1] > len(boxes):
+        raise ValueError(f"`attention` must be [{len(words)} words, at most {len(boxes)} regions (boxes)], "
+                         f"got {tuple(attention.shape)}")
     width, height = image_size if image_size is not None else (1.0, 1.0)
     columns = min(columns, len(words))
     rows = math.ceil(len(words) / columns)

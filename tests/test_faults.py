@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import modeling_mpsm.modeling_mpsm as modeling
 from modeling_mpsm.training import resolve_checkpoint
 
 
@@ -118,10 +119,12 @@ def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(data_dir, tmp_path,
 
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
+    import modeling_mpsm.modeling_mpsm as modeling
     from modeling_mpsm import MPSMConfig, MPSMModel
     from modeling_mpsm.scoring import encode_images, encode_texts, pair_bytes, score_matrix
 
     bound, num_images, num_texts, words = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 12
+    modeling.CAPTION_BLOCKS = int(sys.argv[5])
     torch.manual_seed(0)
     model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=50, word_dim=8, embed_size=16, sim_dim=8, num_regions=36)).eval()
     images = encode_images(model, [{"region_features": torch.randn(num_images, 36, 16)}], progress=False)
@@ -141,9 +144,10 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
-def peak_growth(bound, num_images, num_texts, max_block_bytes):
+def peak_growth(bound, num_images, num_texts, max_block_bytes, caption_blocks):
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(bound), str(num_images), str(num_texts),
-                             str(max_block_bytes)], capture_output=True, text=True, env=env(), timeout=300)
+                             str(max_block_bytes), str(caption_blocks)], capture_output=True, text=True, env=env(),
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -152,12 +156,13 @@ def test_scoring_memory_stays_within_its_bound_on_a_5x_gallery():
     bound = 32 * 2**20
     # pair_bytes(embed 16, sim 8, 36 regions, 12 words) = 21,888 bytes: 120 x 94 pairs hold 7.4x the bound unchunked
     num_images, num_texts = 120, 94
-    bounded = peak_growth(bound, num_images, num_texts, bound)
+    bounded = peak_growth(bound, num_images, num_texts, bound, modeling.CAPTION_BLOCKS)
     assert bounded["finite"] and bounded["pairs_bytes"] >= 5 * bound
     slack = 16 * 2**20  # allocator granularity, the score matrix, block copies of the caches
     assert bounded["growth"] < bound + slack, bounded
-    # The measurement can see the difference: unchunked, the same gallery grows far past the bound.
-    unchunked = peak_growth(bound, num_images, num_texts, 100 * bound)
+    # The measurement can see the difference: unchunked (one block of pairs, and the model's per-pair part in one block
+    # of captions, which otherwise keeps a quarter of it alive at a time), the same gallery grows far past the bound.
+    unchunked = peak_growth(bound, num_images, num_texts, 100 * bound, caption_blocks=1)
     assert unchunked["growth"] > 2 * bound, unchunked
     print(f"peak RSS growth: {bounded['growth'] / 2**20:.1f} MiB bounded (bound {bound / 2**20:.0f} MiB), "
           f"{unchunked['growth'] / 2**20:.1f} MiB unchunked")

@@ -255,7 +255,7 @@ def test_distance_and_direction_representations():
 
 # ----------------------------------------------------------------------------------------------------- eq 16-20
 def srgr_case(seed):
-    """An SRGR step in eval mode and nodes [3 pairs, 5 nodes, 8] with 5, 3 and 1 valid nodes."""
+    """An SRGR step in eval mode and nodes [3 pairs, 5 nodes, 8] with 5, 3 and 1 valid nodes (one block of pairs)."""
     torch.manual_seed(seed)
     step = MPSMSRGRStep(tiny_config()).eval()
     nodes = torch.randn(3, 5, 8)
@@ -265,22 +265,22 @@ def srgr_case(seed):
 
 def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
     step, nodes, mask = srgr_case(0)
-    forward_edges, backward_edges = step.edges(nodes, mask)
+    [(forward_edges, backward_edges)] = step.edges([nodes], [mask])
     for edges in (forward_edges, backward_edges):
         assert torch.allclose(edges.sum(-1), torch.ones(3, 5), atol=1e-6)
         assert edges[1, :, 3:].abs().sum() == 0 and edges[2, :, 1:].abs().sum() == 0
     # E← is E→ with the roles of w_out and w_in swapped: sigma(i_a + o_b)
-    o = step.out_norm(step.out_score(nodes).squeeze(-1), mask)[0]
-    i = step.in_norm(step.in_score(nodes).squeeze(-1), mask)[0]
+    o = step.out_norm([step.out_score(nodes).squeeze(-1)], [mask])[0][0]
+    i = step.in_norm([step.in_score(nodes).squeeze(-1)], [mask])[0][0]
     expected = torch.sigmoid(i[:, None] + o[None, :])
     assert torch.allclose(backward_edges[0], expected / expected.sum(-1, keepdim=True), atol=1e-6)
-    out = step(nodes, mask)
+    [out] = step([nodes], [mask])
     assert out.shape == nodes.shape and torch.isfinite(out).all()
 
 
 def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
     step, nodes, mask = srgr_case(1)
-    forward_edges, backward_edges = step.edges(nodes, mask)
+    [(forward_edges, backward_edges)] = step.edges([nodes], [mask])
     forward_nodes = (forward_edges @ nodes) @ step.out_message.weight.T  # eq 17
     backward_nodes = (backward_edges @ nodes) @ step.in_message.weight.T
     gate = torch.sigmoid(torch.cat([forward_nodes, backward_nodes], -1) @ step.gate.weight.T + step.gate.bias)  # eq 18
@@ -289,10 +289,11 @@ def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
     expected = (forward_nodes + backward_nodes) @ step.merge.weight.T + step.merge.bias  # eq 20
     expected = expected / expected.norm(dim=-1, keepdim=True)  # bounded nodes
     with torch.no_grad():  # matmuls accumulate in place
-        torch.testing.assert_close(step(nodes, mask), expected.detach(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(step(nodes, mask, first_only=True), expected[:, :1].detach(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(step(nodes, mask), expected, atol=1e-6, rtol=0)  # autograd: out of place
-    gradient = torch.autograd.grad(step(nodes, mask).sum(), step.gate.weight)[0]
+        torch.testing.assert_close(step([nodes], [mask])[0], expected.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(step([nodes], [mask], first_only=True)[0], expected[:, :1].detach(), atol=1e-6,
+                                   rtol=0)
+    torch.testing.assert_close(step([nodes], [mask])[0], expected, atol=1e-6, rtol=0)  # autograd: out of place
+    gradient = torch.autograd.grad(step([nodes], [mask])[0].sum(), step.gate.weight)[0]
     torch.testing.assert_close(gradient, torch.autograd.grad(expected.sum(), step.gate.weight)[0])
 
 
@@ -304,7 +305,7 @@ def test_srgr_nodes_stay_bounded_and_scores_start_near_one_value():
     nodes = torch.nn.functional.normalize(torch.randn(64, 7, 16), dim=-1)
     mask = torch.ones(64, 7, dtype=torch.bool)
     for step in head.srgr:
-        nodes = step(nodes, mask)
+        [nodes] = step([nodes], [mask])
         torch.testing.assert_close(nodes.norm(dim=-1), torch.ones(64, 7))
     batch = make_batch(batch=6, seed=4)
     with torch.no_grad():
@@ -660,6 +661,41 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(streams):
     for name, parameter in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("options", [{}, {"streams": "both", "similarity": "joint"},
+                                     {"word_self_attention": True, "text_guided_image_features": True}])
+def test_caption_blocks_of_similar_length_give_the_loss_and_gradients_of_one_block(options, monkeypatch):
+    """The per-pair part runs the captions in blocks of similar length (each cut to its longest caption); SRGR's batch
+    norms share the statistics of the whole batch, so training sees the same loss, gradients and running statistics."""
+    import modeling_mpsm.modeling_mpsm as modeling
+
+    batch = make_batch(batch=9, words=9, seed=12)
+    lengths = torch.tensor([2, 9, 4, 7, 3, 9, 5, 6, 2])  # unsorted, repeated, down to the bare minimum
+    batch["attention_mask"] = (torch.arange(9)[None] < lengths[:, None]).long()
+    batch["input_ids"] = batch["input_ids"].clamp_min(4) * batch["attention_mask"]
+    batch["dependency_adjacency"] = chain_adjacency(batch["attention_mask"])
+    results = []
+    for blocks in (1, 4):
+        monkeypatch.setattr(modeling, "CAPTION_BLOCKS", blocks)
+        torch.manual_seed(0)
+        model = MPSMModel(tiny_config(dropout=0.0, **options))
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        statistics = {name: b.clone() for name, b in model.named_buffers() if "running" in name}
+        with torch.no_grad():
+            scores = model.eval()(**batch).logits_per_image
+        results.append((loss, gradients, statistics, scores))
+    (loss, gradients, statistics, scores), (block_loss, block_gradients, block_statistics, block_scores) = results
+    torch.testing.assert_close(block_loss, loss)
+    assert block_gradients.keys() == gradients.keys()
+    for name in gradients:  # float32 sums in another order: equal to rounding, relative to the gradient's size
+        error = (block_gradients[name] - gradients[name]).norm()
+        assert error <= 1e-5 * gradients[name].norm() + 1e-5, (name, error)  # + 1e-5: gradients near 0 in exact maths
+    for name in statistics:
+        torch.testing.assert_close(block_statistics[name], statistics[name], msg=name)
+    torch.testing.assert_close(block_scores, scores, atol=1e-6, rtol=1e-5)
 
 
 def test_every_public_path_runs_under_bf16_autocast():

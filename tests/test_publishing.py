@@ -203,10 +203,11 @@ def test_assembled_repo_has_code_weights_processor_and_card(checkpoint, metrics_
     files = assemble_repo(checkpoint, repo, "mpsm-org/mpsm-dis-tiny", load_metrics(metrics_file))
     assert [path.name for path in files] == [
         "README.md", "config.json", "configuration_mpsm.py", "model.safetensors", "modeling_mpsm.py",
-        "processing_mpsm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "pipeline_mpsm.py", "processing_mpsm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
     ]
     config = json.loads((repo / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_mpsm.MPSMConfig", "AutoModel": "modeling_mpsm.MPSMModel"}
+    assert config["custom_pipelines"]["mpsm-retrieval"]["impl"] == "pipeline_mpsm.MPSMRetrievalPipeline"
     processor_config = json.loads((repo / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_mpsm.MPSMProcessor"}
 
@@ -289,7 +290,7 @@ def test_publish_script_dry_run_prints_files_and_card_and_uploads_nothing(checkp
                      str(metrics_file), "--dry_run"])
     hf_api.assert_not_called()
     output = capsys.readouterr().out
-    assert "Dry run: would upload 9 files to mpsm-org/mpsm-dis-tiny (private=False):" in output
+    assert "Dry run: would upload 10 files to mpsm-org/mpsm-dis-tiny (private=False):" in output
     weights_line = next(line for line in output.splitlines() if line.split()[:1] == ["model.safetensors"])
     assert weights_line.endswith(f"{(checkpoint / 'model.safetensors').stat().st_size:,} bytes")
     assert "model-index:" in output and "# MPSM (dis)" in output

@@ -1,4 +1,8 @@
+import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -9,11 +13,12 @@ import torch
 
 from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor
 from modeling_mpsm.retrieval import MPSMIndex, MPSMRetriever, rerank
-from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
+from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix, select_items
 from modeling_mpsm.visualization import figure_size, plot_word_region_attention
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16, num_regions=6)
 
 
@@ -93,11 +98,13 @@ def test_visualization_png_size(tmp_path):
     assert matplotlib.image.imread(path).shape[:2] == (height, width) == (500, 1000)
 
 
-def test_retrieve_cli(tmp_path):
+def cli_model_and_data(tmp_path):
+    """A synthetic split of 8 test images and a tiny saved model with its processor: (data_dir, model_dir, captions,
+    processor, model)."""
     from modeling_mpsm.synthetic import generate
     from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
 
-    data_dir, model_dir, index_dir = tmp_path / "data", tmp_path / "model", tmp_path / "index"
+    data_dir, model_dir = tmp_path / "data", tmp_path / "model"
     generate(str(data_dir), num_train=2, num_dev=1, num_test=8, feature_dim=32, num_regions=6)
     captions = (data_dir / "test_caps.txt").read_text().splitlines()
     tokenizer = build_tokenizer(build_vocabulary(captions, min_count=1))
@@ -106,7 +113,23 @@ def test_retrieve_cli(tmp_path):
     model = MPSMModel(MPSMConfig(**{**TINY, "vocab_size": len(tokenizer)})).eval()
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
+    return data_dir, model_dir, captions, processor, model
 
+
+def ranked_images(stdout):
+    """The image numbers of `retrieve.py`'s result lines, one list per query."""
+    blocks = []
+    for line in stdout.splitlines():
+        if line.startswith("query: "):
+            blocks.append([])
+        elif line.strip()[:2].rstrip(".").isdigit():
+            blocks[-1].append(int(line.split()[2]))
+    return blocks
+
+
+def test_retrieve_cli(tmp_path):
+    data_dir, model_dir, captions, processor, model = cli_model_and_data(tmp_path)
+    index_dir = tmp_path / "index"
     query = captions[10]  # a caption of image 2
     command = [sys.executable, os.path.join(REPO, "examples", "retrieve.py"), "--model", str(model_dir),
                "--data_dir", str(data_dir), "--query", query, "--k", "3", "--rerank_k", "8", "--index", str(index_dir)]
@@ -124,3 +147,206 @@ def test_retrieve_cli(tmp_path):
                        image_sizes=np.load(data_dir / "test_ims_size.npy"))
     scores = score_matrix(model, [dict(images)], [dict(processor(text=[query]))], progress=False)[:, 0]
     assert [int(i) for i in ranked] == scores.topk(3).indices.tolist()
+
+
+def gallery_and_queries(model, num_images=60, num_texts=13):
+    features, boxes, input_ids = tiny_inputs(num_images=num_images, num_texts=num_texts, seed=1)
+    images = encode_images(model, [{"region_features": features, "boxes": boxes}], progress=False)
+    texts = encode_texts(model, [{"input_ids": input_ids}], progress=False)
+    return images, texts
+
+
+def test_ivf_with_every_list_probed_equals_flat(model):
+    import modeling_mpsm.retrieval as retrieval
+
+    pytest.importorskip("faiss")
+    images, texts = gallery_and_queries(model)
+    queries = retrieval.global_embeddings(texts)
+    flat = MPSMIndex(select_items(images, slice(0, 40)))
+    ivf = MPSMIndex(select_items(images, slice(0, 40)), first_stage="ivf", nlist=4, nprobe=4)
+    assert not ivf.is_built and ivf.build().is_built and ivf.nlist == 4
+    for k in (1, 10, 40):
+        expected, got = flat.search(queries, k), ivf.search(queries, k)
+        assert torch.equal(got[1], expected[1]), k
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
+    # the torch fallback of the exact first stage gives the same ranking as faiss.knn
+    assert torch.equal((queries @ flat.embeddings.T).topk(10).indices, flat.search(queries, 10)[1])
+
+    # `add` keeps the trained centroids and fills the built index with the new items
+    for index in (flat, ivf):
+        index.add(select_items(images, slice(40, 60)), metadata=list(range(100, 120)))
+    assert ivf._faiss.ntotal == len(ivf) == 60 and ivf.metadata[-1] == 119
+    expected, got = flat.search(queries, 60), ivf.search(queries, 60)
+    assert torch.equal(got[1], expected[1])
+
+    # full-k two-stage retrieval over the ivf first stage equals the flat one
+    for gallery in (flat, ivf):
+        gallery.nprobe = 4 if gallery is ivf else None
+    assert torch.equal(rerank(model, texts, ivf, k=5, rerank_k=60)[1], rerank(model, texts, flat, k=5, rerank_k=60)[1])
+
+    # fewer lists probed: approximate, but k valid results per query (short rows fall back to exact search)
+    ivf.nprobe = 1
+    scores, indices = ivf.search(queries, 60)
+    assert indices.shape == (13, 60) and bool((indices >= 0).all())
+    hnsw = MPSMIndex(images, first_stage="hnsw", ef_search=64)
+    scores, indices = hnsw.search(queries, 10)
+    assert indices.shape == (13, 10) and bool((indices >= 0).all()) and bool((scores[:, :-1] >= scores[:, 1:]).all())
+
+
+def test_first_stage_options_survive_save_and_load(tmp_path):
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    model = MPSMModel(MPSMConfig(**TINY)).eval()
+    images, texts = gallery_and_queries(model)
+    queries = texts.text_embeds
+    for name, options in (("ivf", dict(first_stage="ivf", nlist=5, nprobe=2)),
+                          ("hnsw", dict(first_stage="hnsw", hnsw_m=8, ef_search=20))):
+        index = MPSMIndex(images, **options).build()
+        index.save(tmp_path / name)
+        info = json.loads((tmp_path / name / "index.json").read_text())
+        assert info["first_stage"] == name and info["faiss_index"] == "first_stage.faiss"
+        assert os.path.isfile(tmp_path / name / "first_stage.faiss")
+        loaded = MPSMIndex.load(tmp_path / name)
+        assert loaded.options == index.options and loaded.is_built
+        for got, expected in zip(loaded.search(queries, 10), index.search(queries, 10)):
+            assert torch.equal(got, expected)
+    assert MPSMIndex.load(tmp_path / "ivf", nprobe=5).nprobe == 5  # search settings may change on load
+    assert MPSMIndex.load(tmp_path / "hnsw", ef_search=40).options["ef_search"] == 40
+
+    # not built yet: options only, built at the first search after loading; a stale faiss file is removed
+    MPSMIndex(images, first_stage="ivf", nlist=3).save(tmp_path / "ivf")
+    assert not os.path.exists(tmp_path / "ivf" / "first_stage.faiss")
+    loaded = MPSMIndex.load(tmp_path / "ivf")
+    assert not loaded.is_built and loaded.nlist == 3 and loaded.nprobe == 16
+    loaded.search(queries, 3)
+    assert loaded.is_built
+
+    # an index saved before first stages were options loads as flat
+    MPSMIndex(images).save(tmp_path / "flat")
+    info = json.loads((tmp_path / "flat" / "index.json").read_text())
+    assert info["first_stage"] == "flat" and info["faiss_index"] is None
+    for key in ("first_stage", "faiss_index"):
+        del info[key]
+    (tmp_path / "flat" / "index.json").write_text(json.dumps(info))
+    assert MPSMIndex.load(tmp_path / "flat").first_stage == "flat"
+
+
+def test_first_stage_errors(tmp_path, monkeypatch):
+    import modeling_mpsm.retrieval as retrieval
+
+    torch.manual_seed(0)
+    model = MPSMModel(MPSMConfig(**TINY)).eval()
+    images, texts = gallery_and_queries(model, num_images=30)
+    with pytest.raises(ValueError, match=r"first_stage.*'flat', 'ivf', 'hnsw'.*'pq'"):
+        MPSMIndex(images, first_stage="pq")
+    with pytest.raises(ValueError, match="`nprobe` applies to first_stage='ivf', not first_stage='flat'"):
+        MPSMIndex(images, nprobe=4)
+    with pytest.raises(ValueError, match="`ef_search` applies to first_stage='hnsw', not first_stage='ivf'"):
+        MPSMIndex(images, first_stage="ivf", ef_search=4)
+    with pytest.raises(ValueError, match="`nlist` must be a positive integer, got 0"):
+        MPSMIndex(images, first_stage="ivf", nlist=0)
+    if retrieval.faiss is not None:
+        small = MPSMIndex(images, first_stage="ivf", nlist=64)
+        with pytest.raises(ValueError, match=r"nlist=64 centroids .* at least nlist=64 items; the gallery holds 30"):
+            small.search(texts.text_embeds, 5)
+        index = MPSMIndex(images, first_stage="ivf", nlist=2).build()
+        index.save(tmp_path / "ivf")
+        MPSMIndex(select_items(images, slice(0, 20)), first_stage="ivf", nlist=2).build().save(tmp_path / "other")
+        os.replace(tmp_path / "other" / "first_stage.faiss", tmp_path / "ivf" / "first_stage.faiss")
+        with pytest.raises(ValueError, match="holds 20 items but the gallery 30"):
+            MPSMIndex.load(tmp_path / "ivf")
+        message = "`ef_search` applies to first_stage='hnsw'; the index in .* has first_stage='ivf'"
+        with pytest.raises(ValueError, match=message):
+            MPSMIndex.load(tmp_path / "ivf", ef_search=8)
+
+    # without faiss: the exact first stage falls back to torch, an approximate one is refused
+    expected = MPSMIndex(images).search(texts.text_embeds, 7)
+    monkeypatch.setattr(retrieval, "faiss", None)
+    got = MPSMIndex(images).search(texts.text_embeds, 7)
+    assert torch.equal(got[1], expected[1])
+    for stage in ("ivf", "hnsw"):
+        with pytest.raises(ImportError, match=f"first_stage='{stage}' needs faiss \\(pip install faiss-cpu\\)"):
+            MPSMIndex(images, first_stage=stage)
+
+
+def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import modeling_mpsm.retrieval as retrieval
+
+    pytest.importorskip("faiss")
+    data_dir, model_dir, captions, _, _ = cli_model_and_data(tmp_path)
+    queries_file = tmp_path / "queries.txt"
+    queries_file.write_text(f"{captions[10]}\n\n{captions[0]}\n{captions[20]}\n")
+    spec = importlib.util.spec_from_file_location("retrieve", os.path.join(REPO, "examples", "retrieve.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--model", str(model_dir), "--data_dir", str(data_dir), "--k", "3", "--rerank_k", "8"]
+
+    def run(*extra):  # main() in this process (a subprocess costs seconds of start-up): (status, stdout, stderr)
+        capsys.readouterr()
+        try:
+            status = script.main([*base, *map(str, extra)])
+        except SystemExit as exit:  # argparse errors
+            status = exit.code
+        return (status, *capsys.readouterr())
+
+    flat = run("--queries_file", queries_file)
+    ivf = run("--queries_file", queries_file, "--first_stage", "ivf", "--nlist", 2, "--nprobe", 2,
+              "--index", tmp_path / "ivf")
+    for status, _, stderr in (flat, ivf):
+        assert status == 0, stderr[-3000:]
+    assert len(ranked_images(flat[1])) == 3 and all(len(block) == 3 for block in ranked_images(flat[1]))
+    assert ranked_images(ivf[1]) == ranked_images(flat[1])  # every list probed, every candidate re-ranked
+    assert "first stage ivf (nlist 2, nprobe 2)" in ivf[1] and "first stage flat (exact)" in flat[1]
+    info = json.loads((tmp_path / "ivf" / "index.json").read_text())
+    assert (info["first_stage"], info["nlist"], info["nprobe"]) == ("ivf", 2, 2)
+
+    status, stdout, stderr = run("--query", captions[0], "--index", tmp_path / "ivf", "--nprobe", 1)  # saved index
+    assert status == 0 and "first stage ivf (nlist 2, nprobe 1)" in stdout, stderr[-3000:]
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("a dog\n.\n")
+    for extra, message in (
+        (["--index", tmp_path / "ivf", "--first_stage", "hnsw"], "error: the index in .* has first_stage 'ivf', not "
+                                                                 "'hnsw': pass --first_stage ivf or another --index"),
+        (["--first_stage", "ivf", "--nlist", 50], "error: first_stage='ivf' trains nlist=50 centroids .* the gallery "
+                                                  "holds 8"),
+        (["--first_stage", "flat", "--nprobe", 4], "error: --nprobe applies to --first_stage ivf, not flat"),
+        (["--first_stage", "hnsw", "--ef_search", 0], "error: --ef_search must be a positive integer, got 0"),
+        (["--queries_file", empty], "error: line 2 of --queries_file .* holds no word: '.'"),
+        (["--queries_file", queries_file, "--explain", tmp_path / "x.png"], "error: --explain needs --query"),
+    ):
+        arguments = extra if "--queries_file" in extra else ["--query", captions[0], *extra]
+        status, _, stderr = run(*arguments)
+        assert status == 2 and re.search(message, stderr) and "Traceback" not in stderr, (extra, stderr[-2000:])
+    monkeypatch.setattr(retrieval, "faiss", None)
+    status, _, stderr = run("--query", captions[0], "--first_stage", "hnsw", "--index", tmp_path / "new")
+    assert status == 2 and "error: --first_stage hnsw needs faiss (pip install faiss-cpu)" in stderr
+    assert not (tmp_path / "new").exists()  # refused before the gallery is encoded
+
+
+@pytest.mark.skipif(not os.path.exists(ACCELERATE) and not shutil.which("accelerate"), reason="needs accelerate's CLI")
+def test_retrieve_cli_shards_queries_over_processes(tmp_path):
+    with socket.socket() as sock:  # a free port for the process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data_dir, model_dir, captions, _, _ = cli_model_and_data(tmp_path)
+    queries_file = tmp_path / "queries.txt"
+    queries_file.write_text("\n".join(captions[::8]) + "\n")  # 5 queries: an uneven split over 2 processes
+    script = os.path.join(REPO, "examples", "retrieve.py")
+    arguments = [script, "--model", str(model_dir), "--data_dir", str(data_dir), "--k", "3", "--rerank_k", "4",
+                 "--queries_file", str(queries_file), "--index", str(tmp_path / "index")]
+    environment = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = ACCELERATE if os.path.exists(ACCELERATE) else shutil.which("accelerate")
+    sharded = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(port), *arguments],
+        env=environment, capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert "Traceback" not in sharded.stderr and "5 queries re-ranked by 2 processes" in sharded.stdout
+    single = subprocess.run([sys.executable, *arguments], env=environment, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert ranked_images(sharded.stdout) == ranked_images(single.stdout) and len(ranked_images(single.stdout)) == 5
+    query_lines = [line for line in sharded.stdout.splitlines() if line.startswith("query: ")]
+    assert query_lines == [line for line in single.stdout.splitlines() if line.startswith("query: ")]

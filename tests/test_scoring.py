@@ -230,3 +230,21 @@ def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch
     assert len(scoring._DTYPE_CHOICES) == 1  # measured once, reused by score_matrix
     with pytest.raises(ValueError, match="dtype"):
         score_matrix(model, image_cache, text_cache, dtype="fastest", progress=False)
+
+
+def test_train_step_benchmark_runs_each_configuration_in_its_own_process():
+    """benchmarks/train_step.py at a toy size: one process per configuration, a row per configuration and the
+    memory ratio of gradient checkpointing (figures themselves are the benchmark's business, not a test's)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--batch_sizes", "6", "--embed", "16",
+               "--sim", "8", "--word", "8", "--img", "12", "--vocab", "30", "--rounds", "1", "--steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 6 |")]
+    assert [row.split("|")[2].strip() for row in rows] == [
+        "MPSM", "MPSM, gradient checkpointing", "checkpointing: memory / without"]
+    seconds = [float(row.split("|")[3]) for row in rows[:2]]
+    assert all(value > 0 for value in seconds)
