@@ -333,13 +333,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # not a line per file of every checkpoint
+    # A launcher that starts several processes (WORLD_SIZE > 1) on a machine without a GPU: without `cpu=True` each
+    # process would believe it is alone (two rank-0 runs in one folder); on CPU, Accelerate joins them over gloo.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = args.cpu or (world_size > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
-        cpu=args.cpu,
+        cpu=cpu,
     )
+    if accelerator.num_processes != world_size:
+        print(f"error: the launcher started {world_size} processes (WORLD_SIZE) but they did not join one process group "
+              f"({accelerator.num_processes} seen); stopping rather than training {world_size} runs into one "
+              f"--output_dir. Check the launcher's --multi_gpu / --cpu settings.", file=sys.stderr)
+        return 2
+    if cpu and not args.cpu:
+        logger.warning(f"{world_size} processes and no GPU: training on CPU (gloo), as with --cpu.")
     try:
         run(args, accelerator)
         status = 0

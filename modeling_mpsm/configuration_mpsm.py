@@ -57,13 +57,13 @@ class MPSMConfig(PretrainedConfig):
             first stage of two-stage retrieval; 0 is the paper's model.
         global_loss_temperature (`float`, 0.05): temperature of that loss.
         loss_type (`str`): "triplet" (eq 21), "fine_grained_labels" (pairwise loss with soft labels from a siamese
-            text network, seed 003) or "both" (their sum).
+            text network) or "both" (their sum).
         streams (`str`): "t2i" (the paper: words attend to regions), "i2t" (regions attend to words) or "both"
-            (two-stream reasoning, seed 004; scores averaged).
+            (two-stream reasoning; scores averaged).
         word_self_attention (`bool`): self-attention over words that re-weights uninformative words before
-            matching (seed 002).
+            matching (hierarchical correspondences).
         text_guided_image_features (`bool`): cross-attention gating of the region features by the caption before
-            matching (seed 002).
+            matching (hierarchical correspondences).
         initializer_range (`float`): unused by the Xavier init of linear layers; std of the word embedding init.
     """
 
@@ -169,7 +169,7 @@ class MPSMConfig(PretrainedConfig):
 
     @property
     def stream_names(self):
-        """The similarity streams: ("t2i",), ("i2t",) or both (seed 004)."""
+        """The similarity streams: ("t2i",), ("i2t",) or both (two-stream reasoning)."""
         return {"t2i": ("t2i",), "i2t": ("i2t",), "both": ("t2i", "i2t")}[self.streams]
 
 

@@ -63,9 +63,9 @@ class MPSMTextOutput(ModelOutput):
         word_embeds (`torch.FloatTensor` [T, L, d]): t̃, the L2-normalised words after textual KGID (zeros on padding).
         attention_mask (`torch.BoolTensor` [T, L]): which words are real.
         text_embeds (`torch.FloatTensor` [T, d]): t̄, the global caption feature.
-        word_weights (`torch.FloatTensor` [T, L]): importance of each word (seed 002's word self-attention), or
+        word_weights (`torch.FloatTensor` [T, L]): importance of each word (the word self-attention option), or
             ones when that option is off.
-        guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (seed 002), or
+        guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (text-guided region features), or
             None when that option is off.
     """
 
@@ -260,8 +260,9 @@ class MPSMTextEncoder(nn.Module):
 
 class MPSMWordSelfAttention(nn.Module):
     """
-    Seed 002 (hierarchical correspondences): self-attention over the word embeddings, and a per-word importance in
-    (0, 1) that down-weights uninformative words' similarity nodes before matching. [T, L, d] -> ([T, L, d], [T, L]).
+    Hierarchical correspondences (the word self-attention option): self-attention over the word embeddings, and a
+    per-word importance in (0, 1) that down-weights uninformative words' similarity nodes before matching.
+    [T, L, d] -> ([T, L, d], [T, L]).
     """
 
     def __init__(self, config):
@@ -407,7 +408,7 @@ class MPSMKGID(nn.Module):
 class MPSMGlobalAttention(nn.Module):
     """
     a = softmax_i(W₁(tanh(W₂ x_i) ⊙ tanh(W₃ x_mean))), global = l2norm(Σ_i a_i x_i). [B, k, d] -> ([B, d], [B, k]).
-    The tanh follows SGRAF's VisualSA/TextSA, which DESIGN.md names as the model for this step.
+    The tanh follows SGRAF's VisualSA/TextSA (the self-attention pooling MPSM's global features build on).
     """
 
     def __init__(self, config):
@@ -434,7 +435,7 @@ def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries
     SCAN attention of queries over keys for every image-caption pair of a block.
 
     a_qk = softmax_k(λ · norm_q(LeakyReLU(cos(q, k)))), attended_q = l2norm(Σ_k a_qk k). For the paper's text-to-image
-    stream the queries are words and the keys regions; for the image-to-text stream (seed 004) the reverse.
+    stream the queries are words and the keys regions; for the image-to-text stream (two-stream reasoning) the reverse.
 
     Args:
         queries: [Q, a, d] per item, or [I, T, a, d] per pair.
@@ -637,7 +638,7 @@ class MPSMSimilarityHead(nn.Module):
 
         `block` is a `PairBlock`: local_pairs, the (attended, target) local node inputs broadcastable to [..., k, d]
         with P pairs in the leading axes (e.g. [I, T_b, k, d] and [T_b, k, d]), or None for "global" alignment;
-        local_mask [P, k]; local_weights [P, k] (seed 002) or None; global_pair (v̄, t̄) broadcastable to [..., d].
+        local_mask [P, k]; local_weights [P, k] (word self-attention) or None; global_pair (v̄, t̄) broadcastable to [..., d].
         """
         nodes, masks = [], []
         if self.global_similarity is not None:
@@ -682,7 +683,7 @@ def triplet_loss(scores, margin, max_violation=True, positive_mask=None):
 
 def fine_grained_label_loss(scores, text_embeds, positive_mask):
     """
-    Seed 003: pairwise loss with soft labels from a siamese text network. The label of (image i, caption j) is the
+    Fine-grained labels: pairwise loss with soft labels from a siamese text network. The label of (image i, caption j) is the
     similarity of caption j to image i's own caption (t̄_i · t̄_j from the shared text encoder, clipped to [0, 1],
     detached; 1 for positives); hard pairs, far from their label, weigh more (focal weight |s - y|²).
     scores [B, B], text_embeds [B, d] -> [].
@@ -976,7 +977,7 @@ class MPSMModel(MPSMPreTrainedModel):
         for index in order.tensor_split(min(CAPTION_BLOCKS, len(order))):
             num_words = int(lengths[index].max())
             block_regions = regions
-            if text.guidance is not None:  # seed 002: the caption gates the region channels, [I, T_b, n, d]
+            if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]
                 guidance = text.guidance[index][None, :, None, :]
                 block_regions = l2norm(regions.unsqueeze(1) * guidance) * region_mask[:, None, :, None]
             blocks += [block_regions, text.word_embeds[index, :num_words], text.attention_mask[index, :num_words],
@@ -994,7 +995,7 @@ class MPSMModel(MPSMPreTrainedModel):
         One stream's logits per perspective: cross attention (step 5), similarity nodes (eq 10-15), SRGR (eq 16-20).
 
         Args: region_mask [I, n], image_embeds [I, d], then per block of T_b captions (flat, five tensors each):
-            regions [I, n, d] (or [I, T_b, n, d] with seed 002's guidance), words [T_b, L_b, d], word_mask [T_b, L_b],
+            regions [I, n, d] (or [I, T_b, n, d] with text-guided region features), words [T_b, L_b, d], word_mask [T_b, L_b],
             word_weights [T_b, L_b], text_embeds [T_b, d].
         Returns:
             `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`, the blocks'
@@ -1037,12 +1038,12 @@ class MPSMModel(MPSMPreTrainedModel):
         if stream == "t2i":  # words attend to regions (the paper)
             attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
             local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-            local_weights = (  # seed 002 weighs the word nodes; otherwise `local_mask` alone drops padding
+            local_weights = (  # word self-attention weighs the word nodes; otherwise `local_mask` alone drops padding
                 word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
                 if self.config.word_self_attention else None
             )
             return PairBlock((attended, words), local_mask, local_weights, global_pair)  # [I, T, L, d], [T, L, d]
-        # seed 004: regions attend to words
+        # two-stream reasoning: regions attend to words
         attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
         target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
         local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
@@ -1071,7 +1072,7 @@ class MPSMModel(MPSMPreTrainedModel):
         Training loss on a square batch (pair i = image i, caption i) from the per-perspective `logits` [B, B] of
         `pair_logits`: per perspective the triplet loss (eq 21, on the logits with `config.hinge_on_logits`, else on
         the σ scores) and/or
-        the fine-grained-label loss (seed 003), summed over perspectives (L_dis + L_dir for "joint"), plus the optional
+        the fine-grained-label loss, summed over perspectives (L_dis + L_dir for "joint"), plus the optional
         global contrastive loss. `image_ids` [B] marks captions of the same image, which are not negatives.
         """
         size = image.image_embeds.shape[0]

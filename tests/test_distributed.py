@@ -23,14 +23,17 @@ def free_port():
 
 
 @pytest.mark.skipif(not os.path.exists(ACCELERATE) and not shutil.which("accelerate"), reason="needs accelerate's CLI")
-def test_two_processes_end_with_identical_weights_and_exit_cleanly(tmp_path):
+@pytest.mark.parametrize("cpu_flag", [["--cpu"], []], ids=["with-cpu-flag", "without-cpu-flag"])
+def test_two_processes_end_with_identical_weights_and_exit_cleanly(tmp_path, cpu_flag):
+    """With or without the script's --cpu: on a machine without a GPU the two processes form one gloo group (before,
+    without --cpu they were two independent rank-0 runs writing into one folder)."""
     data_dir, output_dir = tmp_path / "scan", tmp_path / "run"
     synthetic.generate(str(data_dir), seed=5, num_train=16, num_dev=4, num_test=4, feature_dim=32, num_regions=8)
     launcher = ACCELERATE if os.path.exists(ACCELERATE) else shutil.which("accelerate")
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        TRAIN_SCRIPT, "--cpu", "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--parser", "fallback",
+        TRAIN_SCRIPT, *cpu_flag, "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--parser", "fallback",
         "--set", "embed_size=32", "sim_dim=16", "word_dim=16", "kgid_layers=1", "srgr_steps=1",
         "--batch_size", "8", "--max_train_steps", "4", "--warmup_steps", "2", "--checkpointing_steps", "2",
         "--eval_steps", "2", "--logging_steps", "1", "--debug_state_hash_file", str(tmp_path / "hash_{rank}.txt"),
