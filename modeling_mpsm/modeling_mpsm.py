@@ -65,8 +65,8 @@ class MPSMTextOutput(ModelOutput):
         text_embeds (`torch.FloatTensor` [T, d]): t̄, the global caption feature.
         word_weights (`torch.FloatTensor` [T, L]): importance of each word (the word self-attention option), or
             ones when that option is off.
-        guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (text-guided region features), or
-            None when that option is off.
+        guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (the
+            text-guided region features option), or None when that option is off.
     """
 
     word_embeds: torch.FloatTensor = None
@@ -970,7 +970,11 @@ class MPSMModel(MPSMPreTrainedModel):
             `dict[str, torch.FloatTensor]`: perspective -> [I, T] logits (mean over streams).
         """
         num_regions = int(image.region_mask.sum(1).max())
-        regions, region_mask = image.region_embeds[:, :num_regions], image.region_mask[:, :num_regions]
+        # one dtype for both sides: e.g. a float32 gallery against a query encoded under bf16 autocast
+        dtype = torch.promote_types(image.region_embeds.dtype, text.word_embeds.dtype)
+        regions, region_mask = image.region_embeds[:, :num_regions].to(dtype), image.region_mask[:, :num_regions]
+        image_embeds, text_embeds = image.image_embeds.to(dtype), text.text_embeds.to(dtype)
+        words = text.word_embeds.to(dtype)
         lengths = text.attention_mask.sum(1)
         order = lengths.argsort(stable=True)
         blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
@@ -978,14 +982,14 @@ class MPSMModel(MPSMPreTrainedModel):
             num_words = int(lengths[index].max())
             block_regions = regions
             if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]
-                guidance = text.guidance[index][None, :, None, :]
+                guidance = text.guidance[index].to(dtype)[None, :, None, :]
                 block_regions = l2norm(regions.unsqueeze(1) * guidance) * region_mask[:, None, :, None]
-            blocks += [block_regions, text.word_embeds[index, :num_words], text.attention_mask[index, :num_words],
-                       text.word_weights[index, :num_words], text.text_embeds[index]]
+            blocks += [block_regions, words[index, :num_words], text.attention_mask[index, :num_words],
+                       text.word_weights[index, :num_words], text_embeds[index]]
         logits = {}
         for stream in self.config.stream_names:
             for perspective, value in zip(self.config.perspectives,
-                                          self.stream_logits(stream, region_mask, image.image_embeds, *blocks)):
+                                          self.stream_logits(stream, region_mask, image_embeds, *blocks)):
                 logits[perspective] = logits.get(perspective, 0) + value / len(self.config.stream_names)
         inverse = order.argsort()  # back to the captions' order
         return {perspective: value[:, inverse] for perspective, value in logits.items()}
@@ -995,8 +999,8 @@ class MPSMModel(MPSMPreTrainedModel):
         One stream's logits per perspective: cross attention (step 5), similarity nodes (eq 10-15), SRGR (eq 16-20).
 
         Args: region_mask [I, n], image_embeds [I, d], then per block of T_b captions (flat, five tensors each):
-            regions [I, n, d] (or [I, T_b, n, d] with text-guided region features), words [T_b, L_b, d], word_mask [T_b, L_b],
-            word_weights [T_b, L_b], text_embeds [T_b, d].
+            regions [I, n, d] (or [I, T_b, n, d] with text-guided region features), words [T_b, L_b, d],
+            word_mask [T_b, L_b], word_weights [T_b, L_b], text_embeds [T_b, d].
         Returns:
             `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`, the blocks'
             captions side by side.

@@ -15,14 +15,10 @@ import textwrap
 
 import torch
 
-from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor
 from modeling_mpsm.publishing import assemble_repo
-from modeling_mpsm.vocabulary import SPECIAL_TOKENS, build_tokenizer
+from tiny import TINY, tiny_models, tiny_processor
 
 
-WORDS = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
-TINY = dict(img_dim=16, vocab_size=len(WORDS), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1, srgr_steps=1,
-            num_regions=4)
 CAPTIONS = ["A man runs on the grass.", "a red dog", "The dog runs on the red ball"]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -55,18 +51,6 @@ CHILD = textwrap.dedent(
         print("loaded", case["source"], type(model).__name__)
     """
 )
-
-
-def tiny_models():
-    torch.manual_seed(0)
-    dis = MPSMModel(MPSMConfig(**TINY)).eval()
-    dir_ = MPSMModel(MPSMConfig(similarity="direction", **TINY)).eval()
-    return dis, MPSMEnsembleModel.from_members(dis, dir_).eval()
-
-
-def tiny_processor():
-    return MPSMProcessor(build_tokenizer({word: i for i, word in enumerate(WORDS)}), num_regions=4,
-                         dependency_parser="fallback")
 
 
 def tiny_inputs(processor):

@@ -16,31 +16,16 @@ import pytest
 import torch
 from transformers import pipeline
 
-from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor, MPSMRetrievalPipeline
+from modeling_mpsm import MPSMRetrievalPipeline
 from modeling_mpsm.visualization import draw_word_region_attention, figure_size
-from modeling_mpsm.vocabulary import SPECIAL_TOKENS, build_tokenizer
+from tiny import TINY, tiny_models, tiny_processor
 
 
-WORDS = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
-TINY = dict(img_dim=16, vocab_size=len(WORDS), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1, srgr_steps=1,
-            num_regions=4)
 CAPTIONS = ["A man runs on the grass.", "a red dog", "The dog runs on the red ball"]
 CAPTION_IDS = ["c-man", "c-dog", "c-ball"]
 TEXT_QUERIES = ["a dog on the grass", "the man runs"]
 IMAGE_IDS = ["img-0", "img-1", "img-2", "img-3"]
 REGIONS = [3, 2, 4, 3]  # regions per gallery image (padded to the processor's 4)
-
-
-def tiny_models():
-    torch.manual_seed(0)
-    dis = MPSMModel(MPSMConfig(**TINY)).eval()
-    dir_ = MPSMModel(MPSMConfig(similarity="direction", **TINY)).eval()
-    return dis, MPSMEnsembleModel.from_members(dis, dir_).eval()
-
-
-def tiny_processor():
-    return MPSMProcessor(build_tokenizer({word: i for i, word in enumerate(WORDS)}), num_regions=4,
-                         dependency_parser="fallback")
 
 
 def gallery_images():

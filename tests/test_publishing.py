@@ -20,24 +20,16 @@ from modeling_mpsm.publishing import (
     load_metrics,
     publish,
 )
-from modeling_mpsm.vocabulary import SPECIAL_TOKENS, build_tokenizer
+from tiny import TINY, WORDS, tiny_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORDS = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
-TINY = dict(img_dim=16, vocab_size=len(WORDS), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1, srgr_steps=1,
-            num_regions=4)
 METRICS = {
     "i2t_r1": 52.5, "i2t_r5": 81.0, "i2t_r10": 90.25, "t2i_r1": 41.0, "t2i_r5": 72.5, "t2i_r10": 83.0,
     "rsum": 420.25, "dataset": "synthetic-scenes", "split": "test", "protocol": "1K", "seconds": 12.0,
 }
 PAPER = dict(img_dim=2048, num_regions=36, vocab_size=8481, word_dim=300, embed_size=1024, sim_dim=256, kgid_layers=3,
              srgr_steps=3, lambda_softmax=9.0, margin=0.2, max_violation=True)
-
-
-def tiny_processor():
-    return MPSMProcessor(build_tokenizer({word: i for i, word in enumerate(WORDS)}), num_regions=4,
-                         dependency_parser="fallback")
 
 
 def save_checkpoint(path, ensemble=False):

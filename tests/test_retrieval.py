@@ -350,3 +350,26 @@ def test_retrieve_cli_shards_queries_over_processes(tmp_path):
     assert ranked_images(sharded.stdout) == ranked_images(single.stdout) and len(ranked_images(single.stdout)) == 5
     query_lines = [line for line in sharded.stdout.splitlines() if line.startswith("query: ")]
     assert query_lines == [line for line in single.stdout.splitlines() if line.startswith("query: ")]
+
+
+def test_retriever_and_score_matrix_run_under_bf16_autocast(model):
+    """Autocast, as Accelerate's mixed precision runs evaluation: the retriever's encoding, first stage and re-ranking
+    and `score_matrix` all run under `torch.autocast("cpu", bfloat16)` and agree with float32 to bf16's precision."""
+    features, boxes, input_ids = tiny_inputs()
+    retriever = MPSMRetriever(model)
+    retriever.add_images(features, boxes)
+    reference = retriever.search_text({"input_ids": input_ids[:1]}, k=9, rerank_k=9)
+    exhaustive = score_matrix(model, retriever.images.cache, retriever.encode_texts({"input_ids": input_ids}),
+                              progress=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_retriever = MPSMRetriever(model)
+        autocast_retriever.add_images(features, boxes)
+        results = autocast_retriever.search_text({"input_ids": input_ids[:1]}, k=9, rerank_k=9)
+        texts = autocast_retriever.encode_texts({"input_ids": input_ids})
+        scores = score_matrix(model, autocast_retriever.images.cache, texts, progress=False)
+    assert torch.isfinite(scores).all() and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, exhaustive, atol=0.02, rtol=0)
+    by_index = {result["index"]: result["score"] for result in reference}
+    assert sorted(by_index) == sorted(result["index"] for result in results)
+    for result in results:
+        assert result["score"] == pytest.approx(by_index[result["index"]], abs=0.02)
