@@ -558,13 +558,18 @@ class MPSMSRGRStep(nn.Module):
                           backward_edges / backward_edges.sum(-1, keepdim=True)))
         return edges
 
-    def forward(self, blocks, masks, first_only=False):
+    def forward(self, blocks, masks, first_only=False, checkpoint=None):
         """
         blocks: list of nodes [P_b, K_b, m], masks: list of [P_b, K_b] -> list of [P_b, K_b, m]; with `first_only`,
         only the first (global) node is reconstructed, [P_b, 1, m] (the last round, whose other nodes the score does
-        not read). The blocks share only the batch statistics of eq 16's batch norms.
+        not read). The blocks share only the batch statistics of eq 16's batch norms, so with `checkpoint` (gradient
+        checkpointing) each block's reconstruction (eq 17-20) is recomputed on its own in the backward pass.
         """
-        return [self.reconstruct(nodes, *edges, first_only) for nodes, edges in zip(blocks, self.edges(blocks, masks))]
+        reconstructions = []
+        for nodes, edges in zip(blocks, self.edges(blocks, masks)):
+            arguments = (nodes, *edges, first_only)
+            reconstructions.append(checkpoint(self.reconstruct, *arguments) if checkpoint else self.reconstruct(*arguments))
+        return reconstructions
 
     def reconstruct(self, nodes, forward_edges, backward_edges, first_only):
         """Eq 17-20 for one block: nodes [P, K, m] and its edges [P, K, K] -> [P, K, m] (or [P, 1, m])."""
@@ -618,15 +623,15 @@ class MPSMSimilarityHead(nn.Module):
 
         Args:
             nodes: list of [P_b, K_b, m] similarity nodes per block (`similarity_nodes`); masks: list of [P_b, K_b].
-            checkpoint (*optional*): `checkpoint(function, *args)` to recompute each SRGR round in the backward pass
-                instead of keeping its intermediates (gradient checkpointing).
+            checkpoint (*optional*): `checkpoint(function, *args)` to recompute each SRGR round's reconstructions, block
+                by block, in the backward pass instead of keeping their intermediates (gradient checkpointing).
         Returns:
             list of `torch.FloatTensor` [P_b]: the logits of each block; the scores are their σ.
         """
         read_global = self.use_srgr and self.global_similarity is not None
         for index, step in enumerate(self.srgr):
             first_only = read_global and index == len(self.srgr) - 1
-            nodes = checkpoint(step, nodes, masks, first_only) if checkpoint else step(nodes, masks, first_only)
+            nodes = step(nodes, masks, first_only, checkpoint)
         # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
         # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
         readouts = [block[:, 0] if read_global else masked_mean(block, mask) for block, mask in zip(nodes, masks)]
@@ -789,8 +794,8 @@ class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
     # `gradient_checkpointing_enable()` recomputes the per-pair part in the backward pass instead of keeping its
-    # intermediates, in segments: cross attention + similarity nodes block by block of captions ([I, T_b, L_b, d]), then
-    # each SRGR round; SRGR's batch norms then see each batch twice (their running statistics move twice per update)
+    # intermediates, in segments of one block of captions: cross attention + similarity nodes ([I, T_b, L_b, d]), then
+    # each SRGR round's eq 17-20 (its eq 16 edges, coupled across blocks by the batch norms, are kept)
     supports_gradient_checkpointing = True
     # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
     _keep_in_fp32_modules_strict = ["evaluate"]
