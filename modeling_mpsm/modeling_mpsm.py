@@ -28,7 +28,7 @@ from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
 
 
 # The per-pair part runs the captions of a batch in up to this many blocks of similar length (`MPSMModel.pair_logits`)
-CAPTION_BLOCKS = 4
+CAPTION_BLOCKS = 8
 
 
 # --------------------------------------------------------------------------------------------------------------

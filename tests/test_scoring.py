@@ -153,13 +153,14 @@ def test_scoring_benchmark_runs_and_draws_its_plot(tmp_path):
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in ("(a) SGRAF scheme, fp32 eager", "(b) package path, fp32 eager", "(b) package path, bf16 eager",
-                 "projected 1000 x 5000", "bf16 eager + fp32 top-20 vs fp32 eager"):
+                 "(b) package path, auto eager", "of the faster of fp32 and bf16 eager", "projected 1000 x 5000",
+                 "bf16 eager + fp32 top-20 vs fp32 eager"):
         assert line in result.stdout, result.stdout
     assert "R@1 100.0%, R@5 100.0%, R@10 100.0%" in result.stdout.split("bf16 eager + fp32 top-20")[1]
     with open(plot, "rb") as file:
         header = file.read(24)
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-    assert header[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (900, 310)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (900, 360)  # a bar per method
 
 
 SHARDED_SCRIPT = textwrap.dedent(
