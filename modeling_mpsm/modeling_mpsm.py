@@ -585,6 +585,21 @@ class MPSMSRGRStep(nn.Module):
         return l2norm(self.merge(refined_forward + refined_backward))  # eq 20, normalised
 
 
+def caption_blocks(order, lengths):
+    """
+    Up to `CAPTION_BLOCKS` blocks of caption positions, in `order` (ascending length); a block whose longest caption is
+    as long as the previous block's joins it (cutting there saves no padding, e.g. when a scoring block's captions are
+    already of one length). Returns a list of index tensors.
+    """
+    blocks = []
+    for index in order.tensor_split(min(CAPTION_BLOCKS, len(order))):
+        if blocks and lengths[index[-1]] == lengths[blocks[-1][-1]]:
+            blocks[-1] = torch.cat([blocks[-1], index])
+        elif len(index):
+            blocks.append(index)
+    return blocks
+
+
 class PairBlock(NamedTuple):
     """The inputs of the similarity nodes for the pairs of one block of captions (see `MPSMSimilarityHead.forward`)."""
 
@@ -983,7 +998,7 @@ class MPSMModel(MPSMPreTrainedModel):
         lengths = text.attention_mask.sum(1)
         order = lengths.argsort(stable=True)
         blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
-        for index in order.tensor_split(min(CAPTION_BLOCKS, len(order))):
+        for index in caption_blocks(order, lengths):
             num_words = int(lengths[index].max())
             block_regions = regions
             if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]

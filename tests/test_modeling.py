@@ -666,6 +666,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(streams):
         torch.testing.assert_close(statistics[name], expected_statistics[name], msg=name)
 
 
+def test_caption_blocks_follow_length_and_merge_where_cutting_saves_no_padding(monkeypatch):
+    import modeling_mpsm.modeling_mpsm as modeling
+
+    monkeypatch.setattr(modeling, "CAPTION_BLOCKS", 4)
+    lengths = torch.tensor([2, 9, 4, 7, 3, 9, 5, 6])
+    blocks = modeling.caption_blocks(lengths.argsort(stable=True), lengths)
+    assert [lengths[block].tolist() for block in blocks] == [[2, 3], [4, 5], [6, 7], [9, 9]]
+    uniform = torch.full((10,), 12)  # e.g. a scoring block of captions of one length: one block
+    assert [block.tolist() for block in modeling.caption_blocks(uniform.argsort(stable=True), uniform)] == [list(range(10))]
+    lengths = torch.tensor([3, 3, 3, 8])  # cuts after the first, second and third captions save nothing
+    assert [lengths[block].tolist() for block in modeling.caption_blocks(lengths.argsort(stable=True), lengths)] == [
+        [3, 3, 3], [8]]
+
+
 @pytest.mark.parametrize("options", [{}, {"streams": "both", "similarity": "joint"},
                                      {"word_self_attention": True, "text_guided_image_features": True}])
 def test_caption_blocks_of_similar_length_give_the_loss_and_gradients_of_one_block(options, monkeypatch):
