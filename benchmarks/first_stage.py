@@ -142,22 +142,21 @@ def main(argv=None):
               f"{exact_scores[:, -1].mean():.3f}")
 
     chosen = {}
-    if "ivf" in args.methods:
-        index = MPSMIndex(cache, first_stage="ivf", nlist=args.nlist)
+    sweeps = {  # each approximate first stage: its build options, the search knob swept, the row's label
+        "ivf": ({"nlist": args.nlist}, "nprobe", args.nprobe,
+                lambda index, value: f"nlist {index.nlist}, nprobe {value}"),
+        "hnsw": ({"hnsw_m": args.hnsw_m}, "ef_search", args.ef_search,
+                 lambda index, value: f"M {args.hnsw_m}, ef_search {value}"),
+    }
+    for method in [method for method in sweeps if method in args.methods]:
+        options, knob, values, label = sweeps[method]
+        index = MPSMIndex(cache, first_stage=method, **options)
         build, _ = best_time(index.build, 1)
-        for nprobe in args.nprobe:
-            index.nprobe = nprobe
+        for value in values:
+            setattr(index, knob, value)
             seconds, (_, ids) = best_time(lambda: index.search(queries, args.k), args.repeats)
-            add_row("ivf", f"nlist {index.nlist}, nprobe {nprobe}", build, seconds, ids.numpy())
-        del index
-    if "hnsw" in args.methods:
-        index = MPSMIndex(cache, first_stage="hnsw", hnsw_m=args.hnsw_m)
-        build, _ = best_time(index.build, 1)
-        for ef_search in args.ef_search:
-            index.ef_search = ef_search
-            seconds, (_, ids) = best_time(lambda: index.search(queries, args.k), args.repeats)
-            add_row("hnsw", f"M {args.hnsw_m}, ef_search {ef_search}", build, seconds, ids.numpy())
-        del index
+            add_row(method, label(index, value), build, seconds, ids.numpy())
+        del index  # one copy of the embeddings per index: free it before the next
 
     print(f"\n{args.queries} queries in one batch, top {args.k}; exact search measured in this run is the baseline")
     print(f"{'method':>12} {'setting':>26} {'build (s)':>10} {'ms/query':>9} {'speed-up':>9} "

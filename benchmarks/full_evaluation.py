@@ -23,6 +23,7 @@ from scoring import flickr_lengths
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--num_regions", type=int, default=36, help="regions per image (BUTD: 36)")
     parser.add_argument("--texts", type=int, default=5000)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--refine_k", type=int, default=20, help="bf16 only: float32 re-scoring of each query's top k")
@@ -36,9 +37,9 @@ def main():
     input_ids = torch.zeros(args.texts, int(lengths.max()), dtype=torch.long)
     for row, length in enumerate(lengths):
         input_ids[row, :length] = torch.randint(4, config.vocab_size, (length,))
-    corners = torch.rand(args.images, config.num_regions, 2) * 0.6
+    corners = torch.rand(args.images, args.num_regions, 2) * 0.6
     boxes = torch.cat([corners, corners + 0.3], -1)
-    features = torch.randn(args.images, config.num_regions, config.img_dim).relu()
+    features = torch.randn(args.images, args.num_regions, config.img_dim).relu()
 
     started = time.perf_counter()
     with torch.no_grad():

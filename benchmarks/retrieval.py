@@ -100,7 +100,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*boxes.*")
     torch.manual_seed(args.seed)
     world = SyntheticWorld(args.seed)
-    config = MPSMConfig(img_dim=FEATURE_DIM, num_regions=NUM_REGIONS, vocab_size=FIRST_WORD + NUM_FILLERS + NUM_CONCEPTS,
+    config = MPSMConfig(img_dim=FEATURE_DIM, vocab_size=FIRST_WORD + NUM_FILLERS + NUM_CONCEPTS,
                         word_dim=64, embed_size=128, sim_dim=32, global_loss_weight=args.global_loss_weight)
     model, steps = train(MPSMModel(config), world, args.train_seconds)
     print(f"model: embed {config.embed_size}, sim {config.sim_dim}, {NUM_REGIONS} regions x {FEATURE_DIM}; trained "

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="embed 256, sim 64, 40 x 100 pairs")
     parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--num_regions", type=int, default=36, help="regions per image (BUTD: 36)")
     parser.add_argument("--texts", type=int, default=1000,
                         help="captions (the SGRAF scheme scores the first 100); a 5,000-caption evaluation groups "
                              "captions of equal length into its blocks, far fewer captions pad more")
@@ -147,6 +148,58 @@ def rank_agreement(reference, other, ks=(1, 5, 10)):
     return result
 
 
+def encoded_gallery(model, num_images, num_texts, num_regions, rng):
+    """Random region features and boxes, captions of Flickr30K's lengths, encoded once per item (timed)."""
+    config = model.config
+    lengths = flickr_lengths(num_texts, rng)
+    input_ids = torch.zeros(num_texts, int(lengths.max()), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(4, config.vocab_size, (length,))
+    features = torch.randn(num_images, num_regions, config.img_dim).relu()
+    corners = torch.rand(num_images, num_regions, 2) * 0.6
+    boxes = torch.cat([corners, corners + 0.3], -1)
+    images, image_time = timed(lambda: encode_images(
+        model, [{"region_features": features[i : i + 50], "boxes": boxes[i : i + 50]} for i in range(0, num_images, 50)],
+        progress=False))
+    texts, text_time = timed(lambda: encode_texts(
+        model, [{"input_ids": input_ids[i : i + 128]} for i in range(0, num_texts, 128)], progress=False))
+    print(f"captions: {lengths.mean():.1f} tokens on average (max {lengths.max()}); per-item encoding "
+          f"{1000 * image_time / num_images:.2f} ms/image, {1000 * text_time / num_texts:.2f} ms/caption")
+    return images, texts, lengths, image_time, text_time
+
+
+def count_flops(model, images, texts, lengths, num_regions, options):
+    """Useful FLOPs per pair (no padding), checked against torch's flop counter on one caption length; prints them
+    beside the FLOPs executed with block padding."""
+    config, num_texts = model.config, len(texts.attention_mask)
+    flops_per_pair = float(np.mean([pair_flops(config, length, num_regions) for length in lengths]))
+    probe = encode_texts(model, [{"input_ids": torch.randint(4, config.vocab_size, (256, int(lengths[0])))}],
+                         progress=False)
+    # 256 captions, run in 8 blocks of 32 (modeling_mpsm.CAPTION_BLOCKS): the Gram matrix per block is ~0.2% of it
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.similarity(select_items(images, slice(0, 2)), probe)
+    counted = counter.get_total_flops() / (2 * len(probe.attention_mask))
+    assert abs(counted / pair_flops(config, int(lengths[0]), num_regions) - 1) < 0.01, counted
+    flop_images = select_items(images, slice(0, min(10, len(images.region_mask))))
+    with FlopCounterMode(display=False) as counter:
+        score_matrix(model, flop_images, texts, progress=False, **options)
+    executed = counter.get_total_flops() / (len(flop_images.region_mask) * num_texts)
+    print(f"FLOPs per pair (matmuls): {flops_per_pair / 1e6:.1f} M useful (analytic, = FlopCounterMode at equal "
+          f"lengths), {executed / 1e6:.1f} M executed with block padding; percentages below use the useful FLOPs")
+    return flops_per_pair
+
+
+def report_agreement(results):
+    """Each method's scores against the fp32 eager ones: the largest difference and the top-k agreement."""
+    fp32 = results["fp32 eager"]
+    for label, scores in results.items():
+        if label == "fp32 eager":
+            continue
+        agreement = rank_agreement(fp32, scores)
+        print(f"{label} vs fp32 eager: max |Δscore| {(scores - fp32).abs().max():.2e}; top-k agreement (t2i) "
+              + ", ".join(f"R@{k} {v:.1f}%" for k, v in agreement.items()))
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*boxes.*")
@@ -159,39 +212,12 @@ def main(argv=None):
 
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"threads {args.threads}; matmul peak (2048²): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    print(f"model: embed {config.embed_size}, sim {config.sim_dim}, {config.num_regions} regions, vocab {config.vocab_size}")
+    print(f"model: embed {config.embed_size}, sim {config.sim_dim}, {args.num_regions} regions, vocab {config.vocab_size}")
 
-    lengths = flickr_lengths(num_texts, rng)
-    input_ids = torch.zeros(num_texts, int(lengths.max()), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        input_ids[row, :length] = torch.randint(4, config.vocab_size, (length,))
-    features = torch.randn(num_images, config.num_regions, config.img_dim).relu()
-    corners = torch.rand(num_images, config.num_regions, 2) * 0.6
-    boxes = torch.cat([corners, corners + 0.3], -1)
-    images, image_time = timed(lambda: encode_images(
-        model, [{"region_features": features[i : i + 50], "boxes": boxes[i : i + 50]} for i in range(0, num_images, 50)],
-        progress=False))
-    texts, text_time = timed(lambda: encode_texts(
-        model, [{"input_ids": input_ids[i : i + 128]} for i in range(0, num_texts, 128)], progress=False))
-    print(f"captions: {lengths.mean():.1f} tokens on average (max {lengths.max()}); per-item encoding "
-          f"{1000 * image_time / num_images:.2f} ms/image, {1000 * text_time / num_texts:.2f} ms/caption")
+    images, texts, lengths, image_time, text_time = encoded_gallery(model, num_images, num_texts, args.num_regions, rng)
     options = {} if args.max_block_bytes is None else {"max_block_bytes": args.max_block_bytes}
 
-    # useful FLOPs per pair (no padding), checked against torch's flop counter on one caption length
-    flops_per_pair = float(np.mean([pair_flops(config, length, config.num_regions) for length in lengths]))
-    probe = encode_texts(model, [{"input_ids": torch.randint(4, config.vocab_size, (256, int(lengths[0])))}],
-                         progress=False)
-    # 256 captions, run in 8 blocks of 32 (modeling_mpsm.CAPTION_BLOCKS): the Gram matrix per block is ~0.2% of it
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.similarity(select_items(images, slice(0, 2)), probe)
-    counted = counter.get_total_flops() / (2 * len(probe.attention_mask))
-    assert abs(counted / pair_flops(config, int(lengths[0]), config.num_regions) - 1) < 0.01, counted
-    flop_images = select_items(images, slice(0, min(10, num_images)))
-    with FlopCounterMode(display=False) as counter:
-        score_matrix(model, flop_images, texts, progress=False, **options)
-    executed = counter.get_total_flops() / (len(flop_images.region_mask) * num_texts)
-    print(f"FLOPs per pair (matmuls): {flops_per_pair / 1e6:.1f} M useful (analytic, = FlopCounterMode at equal "
-          f"lengths), {executed / 1e6:.1f} M executed with block padding; percentages below use the useful FLOPs")
+    flops_per_pair = count_flops(model, images, texts, lengths, args.num_regions, options)
 
     # Interleaved rounds, best throughput of each method: the machine may be shared, and load hits every method alike.
     sgraf_texts = select_items(texts, slice(0, min(100, num_texts)))
@@ -258,13 +284,7 @@ def main(argv=None):
     print(f"projected 1000 x 5000 (5M pairs): {5e6 / best_rate / 60:.1f} min with {best_label} "
           f"(+{encode / 60:.1f} min encoding, +{refine / 60:.1f} min fp32 re-scoring of the top {args.refine_k}); "
           f"SGRAF scheme {5e6 / sgraf_rate / 60:.1f} min")
-    for label, scores in results.items():
-        if label == "fp32 eager":
-            continue
-        agreement = rank_agreement(fp32, scores)
-        print(f"{label} vs fp32 eager: max |Δscore| {(scores - fp32).abs().max():.2e}; top-k agreement (t2i) "
-              + ", ".join(f"R@{k} {v:.1f}%" for k, v in agreement.items()))
-
+    report_agreement(results)
 
 if __name__ == "__main__":
     main()

@@ -28,11 +28,16 @@ from modeling_mpsm.data import dataset_name, load_split
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
-from modeling_mpsm.training import write_atomic
+from modeling_mpsm.common import atomic_write
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
 
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
@@ -79,7 +84,7 @@ def score_folds(path, args, accelerator):
         dataset = load_split(args.data_dir, args.split, parser=get_dependency_parser(parser_name),
                              name=f"--data_dir {args.data_dir}")
     width = dataset.features["region_features"].shape[1]
-    img_dim = (model.config.dis_config if hasattr(model.config, "dis_config") else model.config).img_dim
+    img_dim = next(iter(model.members().values())).config.img_dim
     if width != img_dim:
         raise ValueError(
             f"split {args.split!r} of {args.data_dir} has region features of width {width}, but the model {path} "
@@ -153,7 +158,7 @@ def evaluate_and_report(args, accelerator) -> int:
             print(f"member {path}:\n{format_table(member_metrics)}")
         print(("MPSM* (mean of both):\n" if members else "") + format_table(metrics))
         if args.output_json:  # written whole or not at all
-            write_atomic(args.output_json, lambda file: json.dump(results, file, indent=2))
+            atomic_write(args.output_json, lambda temporary: write_json(temporary, results))
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@
 `--format arrow` (the default) writes what `datasets.load_from_disk` reads; re-running with unchanged inputs reuses
 the finished conversion, and an interrupted run leaves nothing behind at `--output_dir`. `--format hub` writes a
 dataset repository: Parquet shards per split (`data/{split}-*.parquet`, one row per image with its five captions,
-typed `datasets.Features`) and a dataset card `README.md` with YAML metadata (see `modeling_mpsm.hub_dataset`);
+typed `datasets.Features`) and a dataset card `README.md` with YAML metadata (see `modeling_mpsm.data.hub`);
 `--push_to_hub ORG/NAME` then uploads it (log in first: `hf auth login`, or set `HF_TOKEN`). Either output is a valid
 `--data_dir` for training, evaluation and retrieval, and so is the Hub id once pushed.
 """
@@ -24,8 +24,8 @@ from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from modeling_mpsm.data import FEATURE_DTYPES, convert_to_arrow
-from modeling_mpsm.hub_dataset import DEFAULT_MAX_SHARD_SIZE, check_output_folder, push_dataset_folder, write_hub_folder
+from modeling_mpsm.data.arrow import FEATURE_DTYPES, convert_to_arrow
+from modeling_mpsm.data.hub import DEFAULT_MAX_SHARD_SIZE, check_output_folder, push_dataset_folder, write_hub_folder
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 
 

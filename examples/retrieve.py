@@ -34,7 +34,7 @@ from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm import retrieval
 from modeling_mpsm.retrieval import FIRST_STAGES, METADATA_NAME, MPSMIndex, MPSMRetriever
 from modeling_mpsm.scoring import encode_images
-from modeling_mpsm.vocabulary import tokenize_caption
+from modeling_mpsm.data.vocabulary import tokenize_caption
 from modeling_mpsm.visualization import plot_word_region_attention
 
 

@@ -31,6 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
+from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
 from modeling_mpsm.processing_mpsm import get_dependency_parser
@@ -47,11 +48,10 @@ from modeling_mpsm.training import (
     remove_unfinished_checkpoints,
     resolve_checkpoint,
     save_pretrained_atomic,
-    state_hash,
     step_decay_schedule,
     train_loop,
 )
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary
 
 
 logger = get_logger(__name__)
@@ -96,12 +96,12 @@ def parse_args(argv=None):
                                                           "(Parquet) or Hub dataset id, with train and dev splits.")
     parser.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
     parser.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
-    parser.add_argument("--member", choices=["dis", "dir"], help="Member to train from an ensemble's --config.")
+    parser.add_argument("--member", choices=list(PERSPECTIVES.values()), help="Member to train from an ensemble's --config.")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
                              "repeatable, a later value of the same KEY wins.")
-    parser.add_argument("--similarity", choices=["distance", "direction", "joint"],
-                        help="Similarity perspective (MPSMConfig.similarity); `joint` trains both heads.")
+    parser.add_argument("--similarity", choices=[*PERSPECTIVES, "joint"],
+                        help="Similarity perspective (MPSMConfig.similarity); `joint` trains every perspective's head.")
     parser.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
     parser.add_argument("--vocab_min_count", type=int, default=4, help="Minimum count of a word built into the vocab.")
     parser.add_argument("--parser", default="spacy:en_core_web_sm",
@@ -145,8 +145,6 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
                                                  "default: the --data_dir Hub id, or its folder's name.")
     # Testing aids, not shown in --help.
-    parser.add_argument("--debug_inject_nan_at_step", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--debug_state_hash_file", help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
     model_fields = {}
@@ -158,7 +156,8 @@ def parse_args(argv=None):
             parser.error(f"--config {args.config}: cannot read a JSON configuration ({error}).")
         if "members" in config:
             if args.member is None:
-                parser.error(f"{args.config} describes an ensemble: choose the member to train with --member dis|dir.")
+                parser.error(f"{args.config} describes an ensemble: choose the member to train with --member "
+                             f"{'|'.join(PERSPECTIVES.values())}.")
             config = config["members"][args.member]
         training = config.get("training", {})
         unknown = sorted(set(training) - set(vars(args)))
@@ -203,6 +202,60 @@ def build_processor(args, train, dev, img_dim, num_regions):
     )
 
 
+def build_model(args, img_dim, vocab_size):
+    """The model of `args.model_fields`, with the data's feature width and the processor's vocabulary size."""
+    overridden = {"img_dim": img_dim, "vocab_size": vocab_size}
+    for key, value in overridden.items():
+        if key in args.model_fields and args.model_fields[key] != value:
+            logger.warning(f"{key}={args.model_fields[key]} from the configuration replaced by {value} (the data's).")
+    config = MPSMConfig(**{**args.model_fields, **overridden})
+    set_seed(args.seed)
+    model = MPSMModel(config)
+    logger.info(f"MPSM ({config.similarity}): {model.num_parameters():,} parameters", main_process_only=True)
+    return model
+
+
+def build_dataloader(args, train, processor):
+    dataset = CaptionPairDataset(train)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=EpochSampler(len(dataset), args.seed),
+        collate_fn=MPSMCollator(processor),
+        num_workers=args.num_workers,
+        drop_last=True,  # hardest negatives need full batches
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn without touching the global RNG
+    )
+
+
+def load_checkpoint(accelerator, checkpoint, state):
+    """Restores model, optimizer, schedule, RNGs and `state` from `checkpoint`, with a clear error if it is damaged."""
+    try:
+        accelerator.load_state(checkpoint)
+    except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as error:
+        raise OSError(f"Checkpoint {checkpoint} cannot be loaded (truncated, corrupt or of another model "
+                      f"configuration): {error}") from error
+    logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
+
+
+def loop_settings(args, updates_per_epoch):
+    warmup_steps = args.warmup_steps
+    if warmup_steps is None:
+        warmup_steps = round(args.sum_violation_warmup_epochs * updates_per_epoch)
+    return LoopSettings(
+        output_dir=args.output_dir,
+        num_epochs=args.num_epochs,
+        max_train_steps=args.max_train_steps,
+        grad_clip=args.grad_clip,
+        warmup_steps=warmup_steps,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        eval_steps=args.eval_steps,
+        logging_steps=args.logging_steps,
+        max_nonfinite_steps=args.max_nonfinite_steps,
+    )
+
+
 def run(args, accelerator):
     """Everything after the Accelerator exists: data, model, training. Returns the final `TrainingState`."""
     output_dir = args.output_dir
@@ -221,25 +274,10 @@ def run(args, accelerator):
     num_regions, img_dim = train.features["region_features"].shape
     processor = build_processor(args, train, dev, img_dim, num_regions)
 
-    overridden = {"img_dim": img_dim, "num_regions": num_regions, "vocab_size": len(processor.tokenizer)}
-    for key, value in overridden.items():
-        if key in args.model_fields and args.model_fields[key] != value:
-            logger.warning(f"{key}={args.model_fields[key]} from the configuration replaced by {value} (the data's).")
-    config = MPSMConfig(**{**args.model_fields, **overridden})
-    set_seed(args.seed)
-    model = MPSMModel(config)
-    logger.info(f"MPSM ({config.similarity}): {sum(p.numel() for p in model.parameters()):,} parameters", main_process_only=True)
+    model = build_model(args, img_dim, len(processor.tokenizer))
+    config = model.config
 
-    dataset = CaptionPairDataset(train)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=EpochSampler(len(dataset), args.seed),
-        collate_fn=MPSMCollator(processor),
-        num_workers=args.num_workers,
-        drop_last=True,  # hardest negatives need full batches
-        generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn without touching the global RNG
-    )
+    dataloader = build_dataloader(args, train, processor)
     optimizer = create_optimizer(model, args.learning_rate, args.weight_decay)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -255,37 +293,17 @@ def run(args, accelerator):
 
     log = TrainingLog(output_dir, enabled=accelerator.is_main_process)
     if checkpoint:
-        try:
-            accelerator.load_state(checkpoint)
-        except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as error:
-            raise OSError(f"Checkpoint {checkpoint} cannot be loaded (truncated, corrupt or of another model "
-                          f"configuration): {error}") from error
-        logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
+        load_checkpoint(accelerator, checkpoint, state)
     log.restart_at(state.global_step)
     if args.with_tracking:
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
     if accelerator.is_main_process:
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as file:
-            training = {k: v for k, v in vars(args).items() if k != "model_fields" and not k.startswith("debug")}
+            training = {k: v for k, v in vars(args).items() if k != "model_fields"}
             json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
 
-    warmup_steps = args.warmup_steps
-    if warmup_steps is None:
-        warmup_steps = round(args.sum_violation_warmup_epochs * updates_per_epoch)
-    settings = LoopSettings(
-        output_dir=output_dir,
-        num_epochs=args.num_epochs,
-        max_train_steps=args.max_train_steps,
-        grad_clip=args.grad_clip,
-        warmup_steps=warmup_steps,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        eval_steps=args.eval_steps,
-        logging_steps=args.logging_steps,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-        inject_nan_steps=tuple(args.debug_inject_nan_at_step),
-    )
+    settings = loop_settings(args, updates_per_epoch)
     unwrapped = accelerator.unwrap_model(model)
     if args.max_eval_images:
         dev = dev.select(range(min(args.max_eval_images, len(dev))))
@@ -310,10 +328,6 @@ def run(args, accelerator):
     )
     if args.push_to_hub and accelerator.is_main_process:
         push_best_model(args)
-    if args.debug_state_hash_file:
-        path = args.debug_state_hash_file.format(rank=accelerator.process_index)
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(state_hash(unwrapped) + "\n")
     return state
 
 

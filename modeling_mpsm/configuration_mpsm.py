@@ -3,25 +3,74 @@
 from transformers import PretrainedConfig
 
 
-def _check_int(name, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+# The similarity perspectives (eq 10-15) by name, with the short name of their model ("dis", "dir"): it names their
+# published variant and their member of the ensemble (MPSM*). Their classes are `SIMILARITY_REPRESENTATIONS` in
+# modeling_mpsm.py.
+PERSPECTIVES = {"distance": "dis", "direction": "dir"}
 
 
-def _check_float(name, value, low, high=None, low_inclusive=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a number, got {value!r}")
-    below = value < low if low_inclusive else value <= low
-    if below or (high is not None and value > high):
-        bracket = "[" if low_inclusive else "("
-        allowed = f"{bracket}{low}, {high}]" if high is not None else f"{bracket}{low}, inf)"
-        raise ValueError(f"`{name}` must be in {allowed}, got {value!r}")
+def _integer(low, high=None):
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+            raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+        return value
+    return check
 
 
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
+def _number(low, high=None, low_inclusive=True):
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"`{name}` must be a number, got {value!r}")
+        below = value < low if low_inclusive else value <= low
+        if below or (high is not None and value > high):
+            bracket = "[" if low_inclusive else "("
+            allowed = f"{bracket}{low}, {high}]" if high is not None else f"{bracket}{low}, inf)"
+            raise ValueError(f"`{name}` must be in {allowed}, got {value!r}")
+        return float(value)
+    return check
+
+
+def _one_of(*choices):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
+        return value
+    return check
+
+
+_flag = _one_of(True, False)
+
+# What each setting of MPSMConfig may hold (checked in this order); a rule returns the value to store.
+FIELD_RULES = {
+    "img_dim": _integer(1),
+    "vocab_size": _integer(5),
+    "word_dim": _integer(1),
+    "embed_size": _integer(2),
+    "sim_dim": _integer(1),
+    "kgid_layers": _integer(0, 16),
+    "srgr_steps": _integer(0, 16),
+    "num_spatial_kernels": _integer(1, 64),
+    "visual_kgid": _flag,
+    "textual_kgid": _flag,
+    "use_srgr": _flag,
+    "max_violation": _flag,
+    "hinge_on_logits": _flag,
+    "kgid_gate": _flag,
+    "spatial_prior": _flag,
+    "word_self_attention": _flag,
+    "text_guided_image_features": _flag,
+    "alignment": _one_of("global", "local", "multi"),
+    "similarity": _one_of(*PERSPECTIVES, "joint"),
+    "loss_type": _one_of("triplet", "fine_grained_labels", "both"),
+    "streams": _one_of("t2i", "i2t", "both"),
+    "lambda_softmax": _number(0.0, low_inclusive=False),
+    "margin": _number(0.0, 2.0),
+    "dropout": _number(0.0, 0.9),
+    "global_loss_weight": _number(0.0),
+    "global_loss_temperature": _number(0.0, low_inclusive=False),
+    "initializer_range": _number(0.0, low_inclusive=False),
+}
 
 
 class MPSMConfig(PretrainedConfig):
@@ -31,7 +80,6 @@ class MPSMConfig(PretrainedConfig):
 
     Args:
         img_dim (`int`, 2048): width of the precomputed region features (BUTD Faster R-CNN: 2048).
-        num_regions (`int`, 36): regions per image the processor pads or truncates to.
         vocab_size (`int`, 8481): size of the word vocabulary (SCAN's Flickr30K vocabulary: 8481).
         word_dim (`int`, 300): width of the word embeddings fed to the BiGRU.
         embed_size (`int`, 1024): width d of the joint region/word space.
@@ -44,8 +92,8 @@ class MPSMConfig(PretrainedConfig):
         srgr_steps (`int`, 3): rounds of similarity-relation graph reconstruction (eq 16-20).
         use_srgr (`bool`): `False` scores the similarity nodes without reasoning (Table 2: w/o SRGR).
         alignment (`str`): "global" (only v̄-t̄), "local" (only word-region nodes) or "multi" (both, the paper's).
-        similarity (`str`): "distance" (MPSM dis), "direction" (MPSM dir) or "joint" (both heads in one model,
-            loss L_dis + L_dir, score their mean).
+        similarity (`str`): a perspective of `PERSPECTIVES`: "distance" (MPSM dis), "direction" (MPSM dir), or
+            "joint" (every perspective's head in one model, loss L_dis + L_dir, score their mean).
         lambda_softmax (`float`, 9.0): temperature λ of the graph edges (eq 1, 9) and of the text-guided attention.
         margin (`float`, 0.2): triplet margin γ (eq 21).
         max_violation (`bool`): hardest negatives in the batch (VSE++); `False` sums all violations.
@@ -72,7 +120,6 @@ class MPSMConfig(PretrainedConfig):
     def __init__(
         self,
         img_dim=2048,
-        num_regions=36,
         vocab_size=8481,
         word_dim=300,
         embed_size=1024,
@@ -101,71 +148,15 @@ class MPSMConfig(PretrainedConfig):
         initializer_range=0.1,
         **kwargs,
     ):
-        _check_int("img_dim", img_dim, 1)
-        _check_int("num_regions", num_regions, 1)
-        _check_int("vocab_size", vocab_size, 5)
-        _check_int("word_dim", word_dim, 1)
-        _check_int("embed_size", embed_size, 2)
-        _check_int("sim_dim", sim_dim, 1)
-        _check_int("kgid_layers", kgid_layers, 0, 16)
-        _check_int("srgr_steps", srgr_steps, 0, 16)
-        _check_int("num_spatial_kernels", num_spatial_kernels, 1, 64)
-        _check_choice("visual_kgid", visual_kgid, (True, False))
-        _check_choice("textual_kgid", textual_kgid, (True, False))
-        _check_choice("use_srgr", use_srgr, (True, False))
-        _check_choice("max_violation", max_violation, (True, False))
-        _check_choice("hinge_on_logits", hinge_on_logits, (True, False))
-        _check_choice("kgid_gate", kgid_gate, (True, False))
-        _check_choice("spatial_prior", spatial_prior, (True, False))
-        _check_choice("word_self_attention", word_self_attention, (True, False))
-        _check_choice("text_guided_image_features", text_guided_image_features, (True, False))
-        _check_choice("alignment", alignment, ("global", "local", "multi"))
-        _check_choice("similarity", similarity, ("distance", "direction", "joint"))
-        _check_choice("loss_type", loss_type, ("triplet", "fine_grained_labels", "both"))
-        _check_choice("streams", streams, ("t2i", "i2t", "both"))
-        _check_float("lambda_softmax", lambda_softmax, 0.0, low_inclusive=False)
-        _check_float("margin", margin, 0.0, 2.0)
-        _check_float("dropout", dropout, 0.0, 0.9)
-        _check_float("global_loss_weight", global_loss_weight, 0.0)
-        _check_float("global_loss_temperature", global_loss_temperature, 0.0, low_inclusive=False)
-        _check_float("initializer_range", initializer_range, 0.0, low_inclusive=False)
-
-        self.img_dim = img_dim
-        self.num_regions = num_regions
-        self.vocab_size = vocab_size
-        self.word_dim = word_dim
-        self.embed_size = embed_size
-        self.sim_dim = sim_dim
-        self.kgid_layers = kgid_layers
-        self.visual_kgid = visual_kgid
-        self.textual_kgid = textual_kgid
-        self.kgid_gate = kgid_gate
-        self.spatial_prior = spatial_prior
-        self.srgr_steps = srgr_steps
-        self.use_srgr = use_srgr
-        self.alignment = alignment
-        self.similarity = similarity
-        self.lambda_softmax = float(lambda_softmax)
-        self.margin = float(margin)
-        self.max_violation = max_violation
-        self.hinge_on_logits = hinge_on_logits
-        self.num_spatial_kernels = num_spatial_kernels
-        self.dropout = float(dropout)
-        self.global_loss_weight = float(global_loss_weight)
-        self.global_loss_temperature = float(global_loss_temperature)
-        self.loss_type = loss_type
-        self.streams = streams
-        self.word_self_attention = word_self_attention
-        self.text_guided_image_features = text_guided_image_features
-        self.initializer_range = float(initializer_range)
+        settings = locals()
+        for name, check in FIELD_RULES.items():
+            setattr(self, name, check(name, settings[name]))
         super().__init__(**kwargs)
 
     @property
     def perspectives(self):
-        """The similarity perspectives this model scores with: ("distance",), ("direction",) or both."""
-        return {"distance": ("distance",), "direction": ("direction",), "joint": ("distance", "direction")}[
-            self.similarity
-        ]
+        """The similarity perspectives this model scores with: ("distance",), ("direction",) or all ("joint")."""
+        return tuple(PERSPECTIVES) if self.similarity == "joint" else (self.similarity,)
 
     @property
     def stream_names(self):
@@ -175,7 +166,8 @@ class MPSMConfig(PretrainedConfig):
 
 class MPSMEnsembleConfig(PretrainedConfig):
     r"""
-    Configuration of [`MPSMEnsembleModel`] (MPSM*): a `dis` and a `dir` model whose scores are averaged.
+    Configuration of [`MPSMEnsembleModel`] (MPSM*): one model per perspective of `PERSPECTIVES`, whose scores are
+    averaged. Each member's configuration is the field `<short name>_config`.
 
     Args:
         dis_config (`dict` or `MPSMConfig`): configuration of the distance member.
@@ -183,17 +175,22 @@ class MPSMEnsembleConfig(PretrainedConfig):
     """
 
     model_type = "mpsm_ensemble"
-    sub_configs = {"dis_config": MPSMConfig, "dir_config": MPSMConfig}
+    sub_configs = {f"{name}_config": MPSMConfig for name in PERSPECTIVES.values()}
 
-    def __init__(self, dis_config=None, dir_config=None, **kwargs):
-        self.dis_config = self._member(dis_config, "distance", "dis_config")
-        self.dir_config = self._member(dir_config, "direction", "dir_config")
-        if self.dis_config.vocab_size != self.dir_config.vocab_size:
-            raise ValueError(
-                f"`dis_config.vocab_size` ({self.dis_config.vocab_size}) and `dir_config.vocab_size` "
-                f"({self.dir_config.vocab_size}) must match: both members read the same processor's input_ids"
-            )
+    def __init__(self, **kwargs):
+        for perspective, name in PERSPECTIVES.items():
+            field = f"{name}_config"
+            setattr(self, field, self._member(kwargs.pop(field, None), perspective, field))
+        sizes = {f"{name}.vocab_size": config.vocab_size for name, config in self.member_configs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the members' vocabulary sizes {sizes} must match: every member reads the same "
+                             "processor's input_ids")
         super().__init__(**kwargs)
+
+    @property
+    def member_configs(self):
+        """The members' configurations by short name: {"dis": MPSMConfig, "dir": MPSMConfig}."""
+        return {name: getattr(self, f"{name}_config") for name in PERSPECTIVES.values()}
 
     @staticmethod
     def _member(config, similarity, name):

@@ -20,15 +20,15 @@ five folds of 1,000 consecutive images of `testall`, each against its own 5,000 
 import numpy as np
 import torch
 
-from .data import CAPTIONS_PER_IMAGE, caption_batches, image_batches
-from .metrics.recall_at_k.ranking import RECALL_KS, retrieval_ranks, retrieval_recalls
+from .common import CAPTIONS_PER_IMAGE, METRIC_KEYS, RECALL_KS
+from .data import caption_batches, image_batches
+from .metrics.recall_at_k.ranking import retrieval_ranks, retrieval_recalls
 from .scoring import encode_images, encode_texts, score_matrix, select_items
 
 
 __all__ = ["METRIC_KEYS", "PROTOCOL_FOLDS", "DEFAULT_SPLITS", "RECALL_KS", "retrieval_ranks", "retrieval_recalls",
            "mean_metrics", "protocol_folds", "fold_score_matrices", "evaluate_retrieval"]
 
-METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 PROTOCOL_FOLDS = {"f30k": 1, "coco1k": 5, "coco5k": 1}
 DEFAULT_SPLITS = {"f30k": "test", "coco1k": "testall", "coco5k": "testall"}
 

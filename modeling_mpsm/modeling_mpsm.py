@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
-from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
+from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
 
 
 # The per-pair part runs the captions of a batch in up to this many blocks of similar length (`MPSMModel.pair_logits`)
@@ -45,13 +45,11 @@ class MPSMImageOutput(ModelOutput):
         region_embeds (`torch.FloatTensor` [I, n, d]): ṽ, the L2-normalised regions after visual KGID (zeros on padding).
         region_mask (`torch.BoolTensor` [I, n]): which regions are real.
         image_embeds (`torch.FloatTensor` [I, d]): v̄, the global image feature.
-        region_attention (`torch.FloatTensor` [I, n]): the global self-attention weights over regions.
     """
 
     region_embeds: torch.FloatTensor = None
     region_mask: torch.BoolTensor = None
     image_embeds: torch.FloatTensor = None
-    region_attention: torch.FloatTensor = None
 
 
 @dataclass
@@ -469,25 +467,42 @@ def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries
 # --------------------------------------------------------------------------------------------------------------
 
 
-class MPSMSimilarityRepresentation(nn.Module):
-    """
-    distance (eq 10-12): l2norm(W_d (x - y)²); direction (eq 13-15): l2norm(W_c (x/‖x‖ ⊙ y/‖y‖)).
-    The direction reading keeps the element-wise terms of the cosine (they sum to it): the paper's scalar cosine
-    would make W_c·cos rank one and its L2 norm the constant ±w/‖w‖. [..., d] x [..., d] -> [..., m].
-    """
+class MPSMDistanceRepresentation(nn.Module):
+    """Distance perspective (eq 10-12): l2norm(W_d (x - y)²). [..., d] x [..., d] -> [..., m]."""
 
-    def __init__(self, config, perspective):
+    def __init__(self, config):
         super().__init__()
-        self.perspective = perspective
         self.proj = nn.Linear(config.embed_size, config.sim_dim)
 
     def forward(self, x, y):
         """x, y: broadcastable [..., d] (e.g. attended regions [I, T, L, d] and words [T, L, d], never expanded)."""
-        if self.perspective == "distance":  # (x - y)² in one pass (x broadcast, not copied)
-            return l2norm(self.proj(F.mse_loss(*torch.broadcast_tensors(x, y), reduction="none")))
+        return l2norm(self.proj(F.mse_loss(*torch.broadcast_tensors(x, y), reduction="none")))  # (x - y)², one pass
+
+
+class MPSMDirectionRepresentation(nn.Module):
+    """
+    Direction perspective (eq 13-15): l2norm(W_c (x/‖x‖ ⊙ y/‖y‖)). The reading keeps the element-wise terms of the
+    cosine (they sum to it): the paper's scalar cosine would make W_c·cos rank one and its L2 norm the constant
+    ±w/‖w‖. [..., d] x [..., d] -> [..., m].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.embed_size, config.sim_dim)
+
+    def forward(self, x, y):
+        """x, y: broadcastable [..., d]."""
         # W_c (x/‖x‖ ⊙ y/‖y‖) + b = (W_c (x ⊙ y)) / (‖x‖‖y‖) + b: one pass over the d-wide inputs instead of three
         scale = (x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * y.norm(dim=-1, keepdim=True).clamp_min(1e-8)).reciprocal()
         return l2norm(torch.addcmul(self.proj.bias, F.linear(x * y, self.proj.weight), scale))
+
+
+# The similarity perspectives by name. A new perspective is a class above and an entry here and in the configuration's
+# `PERSPECTIVES` (its short name, which names its published model and its ensemble member).
+SIMILARITY_REPRESENTATIONS = {"distance": MPSMDistanceRepresentation, "direction": MPSMDirectionRepresentation}
+if SIMILARITY_REPRESENTATIONS.keys() != PERSPECTIVES.keys():
+    raise ImportError(f"the perspectives of modeling_mpsm.py ({list(SIMILARITY_REPRESENTATIONS)}) and of "
+                      f"configuration_mpsm.py ({list(PERSPECTIVES)}) must be the same")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -623,10 +638,10 @@ class MPSMSimilarityHead(nn.Module):
         self.alignment = config.alignment
         self.use_srgr = config.use_srgr
         self.local_similarity = (
-            MPSMSimilarityRepresentation(config, perspective) if config.alignment != "global" else None
+            SIMILARITY_REPRESENTATIONS[perspective](config) if config.alignment != "global" else None
         )
         self.global_similarity = (
-            MPSMSimilarityRepresentation(config, perspective) if config.alignment != "local" else None
+            SIMILARITY_REPRESENTATIONS[perspective](config) if config.alignment != "local" else None
         )
         self.srgr = nn.ModuleList(MPSMSRGRStep(config) for _ in range(config.srgr_steps if config.use_srgr else 0))
         self.evaluate = nn.Linear(config.sim_dim, 1)  # w_eval, b
@@ -726,6 +741,47 @@ def global_contrastive_loss(image_embeds, text_embeds, temperature, positive_mas
 # --------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------
+
+
+class MPSMRetrievalLoss(nn.Module):
+    """
+    The training loss of one model on a square batch (pair i = image i, caption i), from the per-perspective `logits`
+    [B, B] of `pair_logits`: per perspective the triplet loss (eq 21, on the logits with `config.hinge_on_logits`, else
+    on the σ scores) and/or the fine-grained-label loss, summed over perspectives (L_dis + L_dir for "joint"), plus the
+    optional global contrastive loss.
+
+    The loss owns its mode, as VSE∞'s loss does: `max_violation` (hardest negatives, from `config.max_violation`) or
+    the sum of all violations; the training loop sets it (the sum during the warm-up, then the configured mode).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.max_violation = config.max_violation
+
+    def forward(self, logits, image, text, image_ids=None):
+        """`image_ids` [B] marks captions of the same image, which are not negatives."""
+        size = image.image_embeds.shape[0]
+        if text.text_embeds.shape[0] != size:
+            raise ValueError(f"the loss needs as many captions as images (pairs on the diagonal), got {size} images "
+                             f"and {text.text_embeds.shape[0]} captions")
+        if image_ids is None:
+            positive_mask = torch.eye(size, dtype=torch.bool, device=image.image_embeds.device)
+        else:
+            positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
+        loss = 0.0
+        for perspective_logits in logits.values():
+            scores = torch.sigmoid(perspective_logits)
+            if self.config.loss_type in ("triplet", "both"):
+                hinged = perspective_logits if self.config.hinge_on_logits else scores
+                loss = loss + triplet_loss(hinged, self.config.margin, self.max_violation, positive_mask)
+            if self.config.loss_type in ("fine_grained_labels", "both"):
+                loss = loss + fine_grained_label_loss(scores, text.text_embeds, positive_mask)
+        if self.config.global_loss_weight > 0:
+            loss = loss + self.config.global_loss_weight * global_contrastive_loss(
+                image.image_embeds, text.text_embeds, self.config.global_loss_temperature, positive_mask
+            )
+        return loss
 
 
 def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
@@ -888,9 +944,14 @@ class MPSMModel(MPSMPreTrainedModel):
                 for perspective in config.perspectives
             }
         )
+        self.criterion = MPSMRetrievalLoss(config)
         self._warned_no_boxes = False
         self.gradient_checkpointing = False
         self.post_init()
+
+    def members(self):
+        """The models whose scores this model's scores are: itself, {"model": self} (an ensemble has several)."""
+        return {"model": self}
 
     def get_input_embeddings(self):
         """The word embedding table (`resize_token_embeddings` extends it for a larger vocabulary)."""
@@ -908,7 +969,7 @@ class MPSMModel(MPSMPreTrainedModel):
         return self.encode_text(input_ids, attention_mask, dependency_adjacency).text_embeds
 
     # ---------------------------------------------------------------- per item: images
-    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, **kwargs):
+    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
         """
         Encoder, visual knowledge graph, visual KGID and global feature of each image (computed once per image).
 
@@ -937,13 +998,11 @@ class MPSMModel(MPSMPreTrainedModel):
                 prior = self.spatial_kernels(boxes)
             graph = semantic_knowledge_graph(regions, prior, region_mask, self.config.lambda_softmax)
             regions = self.visual_kgid(regions, graph, region_mask)
-        image_embeds, attention = self.image_attention(regions, region_mask)
-        return MPSMImageOutput(
-            region_embeds=regions, region_mask=region_mask, image_embeds=image_embeds, region_attention=attention
-        )
+        image_embeds, _ = self.image_attention(regions, region_mask)
+        return MPSMImageOutput(region_embeds=regions, region_mask=region_mask, image_embeds=image_embeds)
 
     # ---------------------------------------------------------------- per item: captions
-    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None, **kwargs):
+    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None):
         """
         Encoder, textual knowledge graph, textual KGID and global feature of each caption (computed once per caption).
 
@@ -1090,38 +1149,6 @@ class MPSMModel(MPSMPreTrainedModel):
         )
         return attention
 
-    # ---------------------------------------------------------------- training
-    def compute_loss(self, logits, image, text, image_ids=None, max_violation=None):
-        """
-        Training loss on a square batch (pair i = image i, caption i) from the per-perspective `logits` [B, B] of
-        `pair_logits`: per perspective the triplet loss (eq 21, on the logits with `config.hinge_on_logits`, else on
-        the σ scores) and/or
-        the fine-grained-label loss, summed over perspectives (L_dis + L_dir for "joint"), plus the optional
-        global contrastive loss. `image_ids` [B] marks captions of the same image, which are not negatives.
-        """
-        size = image.image_embeds.shape[0]
-        if text.text_embeds.shape[0] != size:
-            raise ValueError(f"the loss needs as many captions as images (pairs on the diagonal), got {size} images "
-                             f"and {text.text_embeds.shape[0]} captions")
-        if image_ids is None:
-            positive_mask = torch.eye(size, dtype=torch.bool, device=image.image_embeds.device)
-        else:
-            positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
-        max_violation = self.config.max_violation if max_violation is None else max_violation
-        loss = 0.0
-        for perspective_logits in logits.values():
-            scores = torch.sigmoid(perspective_logits)
-            if self.config.loss_type in ("triplet", "both"):
-                hinged = perspective_logits if self.config.hinge_on_logits else scores
-                loss = loss + triplet_loss(hinged, self.config.margin, max_violation, positive_mask)
-            if self.config.loss_type in ("fine_grained_labels", "both"):
-                loss = loss + fine_grained_label_loss(scores, text.text_embeds, positive_mask)
-        if self.config.global_loss_weight > 0:
-            loss = loss + self.config.global_loss_weight * global_contrastive_loss(
-                image.image_embeds, text.text_embeds, self.config.global_loss_temperature, positive_mask
-            )
-        return loss
-
     def forward(
         self,
         input_ids=None,
@@ -1133,12 +1160,13 @@ class MPSMModel(MPSMPreTrainedModel):
         image_sizes=None,
         image_ids=None,
         return_loss=None,
-        max_violation=None,
         return_dict=None,
     ) -> MPSMOutput | tuple:
         """
         Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
-        caption i are the positive pairs). Argument shapes as in `encode_image` and `encode_text`. Unknown arguments
+        caption i are the positive pairs; `self.criterion` is the loss and holds its mode, hardest negatives or the sum
+        of violations). Argument shapes as in `encode_image` and `encode_text`; `image_ids` [B] marks captions of the
+        same image (not negatives of each other). Unknown arguments
         are refused by name (a `TypeError`, as in every transformers model); `return_dict=False` returns the tuple
         of the output's non-None fields.
         """
@@ -1148,7 +1176,7 @@ class MPSMModel(MPSMPreTrainedModel):
         text = self.encode_text(input_ids, attention_mask, dependency_adjacency)
         logits = self.pair_logits(image, text)
         logits_per_image = self.scores_from_logits(logits)
-        loss = self.compute_loss(logits, image, text, image_ids, max_violation) if return_loss else None
+        loss = self.criterion(logits, image, text, image_ids) if return_loss else None
         output = MPSMOutput(
             loss=loss,
             logits_per_image=logits_per_image,
@@ -1191,56 +1219,68 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
 
     def __init__(self, config: MPSMEnsembleConfig):
         super().__init__(config)
-        self.dis = MPSMModel(config.dis_config)
-        self.dir = MPSMModel(config.dir_config)
+        for name, member_config in config.member_configs.items():  # checkpoint keys "dis.…", "dir.…"
+            self.add_module(name, MPSMModel(member_config))
         self.post_init()
 
+    def members(self):
+        """The member models by short name: {"dis": MPSMModel, "dir": MPSMModel}."""
+        return {name: getattr(self, name) for name in self.config.member_configs}
+
     def _init_weights(self, module):
-        MPSMPreTrainedModel._init_weights(self.dis, module)
+        MPSMPreTrainedModel._init_weights(next(iter(self.members().values())), module)
 
     @classmethod
-    def from_members(cls, dis_model: MPSMModel, dir_model: MPSMModel):
-        """Builds the ensemble from two trained models (their weights are copied)."""
-        for name, member in (("dis_model", dis_model), ("dir_model", dir_model)):
+    def from_members(cls, *models: MPSMModel):
+        """Builds the ensemble from trained models, one per perspective in the order of `PERSPECTIVES` (dis, dir);
+        their weights are copied."""
+        names = list(PERSPECTIVES.values())
+        if len(models) != len(names):
+            raise ValueError(f"`from_members` takes {len(names)} models ({', '.join(n + '_model' for n in names)}), "
+                             f"got {len(models)}")
+        for name, member in zip(names, models):
             if not isinstance(member, MPSMModel):
-                raise ValueError(f"`{name}` must be an MPSMModel, got {type(member).__name__}")
-        config = MPSMEnsembleConfig(dis_config=dis_model.config.to_dict(), dir_config=dir_model.config.to_dict())
-        ensemble = cls(config)
-        ensemble.dis.load_state_dict(dis_model.state_dict())
-        ensemble.dir.load_state_dict(dir_model.state_dict())
-        return ensemble.to(dis_model.device)
+                raise ValueError(f"`{name}_model` must be an MPSMModel, got {type(member).__name__}")
+        ensemble = cls(MPSMEnsembleConfig(**{f"{name}_config": m.config.to_dict() for name, m in zip(names, models)}))
+        for member, model in zip(ensemble.members().values(), models):
+            member.load_state_dict(model.state_dict())
+        return ensemble.to(models[0].device)
 
-    def encode_image(self, *args, **kwargs):
-        """Per-image outputs of both members: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""
-        return {"dis": self.dis.encode_image(*args, **kwargs), "dir": self.dir.encode_image(*args, **kwargs)}
+    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
+        """Per-image outputs of every member: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""
+        return {name: member.encode_image(region_features, boxes, region_mask, image_sizes)
+                for name, member in self.members().items()}
 
-    def encode_text(self, *args, **kwargs):
-        """Per-caption outputs of both members: `{"dis": MPSMTextOutput, "dir": MPSMTextOutput}`."""
-        return {"dis": self.dis.encode_text(*args, **kwargs), "dir": self.dir.encode_text(*args, **kwargs)}
+    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None):
+        """Per-caption outputs of every member: `{"dis": MPSMTextOutput, "dir": MPSMTextOutput}`."""
+        return {name: member.encode_text(input_ids, attention_mask, dependency_adjacency)
+                for name, member in self.members().items()}
 
     def similarity(self, image, text):
         """Mean of the members' scores, [I, T]."""
-        return (self.dis.similarity(image["dis"], text["dis"]) + self.dir.similarity(image["dir"], text["dir"])) / 2
+        scores = [member.similarity(image[name], text[name]) for name, member in self.members().items()]
+        return sum(scores) / len(scores)
 
-    def get_image_features(self, *args, **kwargs):
+    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None):
         """The members' global image features side by side, [I, 2d] (as `forward`'s `image_embeds`)."""
-        return torch.cat([self.dis.get_image_features(*args, **kwargs), self.dir.get_image_features(*args, **kwargs)], -1)
+        return torch.cat([member.get_image_features(region_features, boxes, region_mask, image_sizes)
+                          for member in self.members().values()], -1)
 
-    def get_text_features(self, *args, **kwargs):
+    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None):
         """The members' global caption features side by side, [T, 2d] (as `forward`'s `text_embeds`)."""
-        return torch.cat([self.dis.get_text_features(*args, **kwargs), self.dir.get_text_features(*args, **kwargs)], -1)
+        return torch.cat([member.get_text_features(input_ids, attention_mask, dependency_adjacency)
+                          for member in self.members().values()], -1)
 
     def forward(self, return_loss=None, return_dict=None, **inputs) -> MPSMOutput | tuple:
-        """Scores with the mean of both members; the loss (when asked) is the sum of the members' losses. `inputs` are
+        """Scores with the mean of the members; the loss (when asked) is the sum of the members' losses. `inputs` are
         `MPSMModel.forward`'s arguments (unknown names are refused there)."""
-        dis_output = self.dis(return_loss=return_loss, return_dict=True, **inputs)
-        dir_output = self.dir(return_loss=return_loss, return_dict=True, **inputs)
-        logits_per_image = (dis_output.logits_per_image + dir_output.logits_per_image) / 2
+        outputs = [member(return_loss=return_loss, return_dict=True, **inputs) for member in self.members().values()]
+        logits_per_image = sum(output.logits_per_image for output in outputs) / len(outputs)
         output = MPSMOutput(
-            loss=dis_output.loss + dir_output.loss if return_loss else None,
+            loss=sum(output.loss for output in outputs) if return_loss else None,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
-            image_embeds=torch.cat([dis_output.image_embeds, dir_output.image_embeds], -1),
-            text_embeds=torch.cat([dis_output.text_embeds, dir_output.text_embeds], -1),
+            image_embeds=torch.cat([output.image_embeds for output in outputs], -1),
+            text_embeds=torch.cat([output.text_embeds for output in outputs], -1),
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

@@ -235,7 +235,7 @@ class MPSMRetrievalPipeline(Pipeline):
         best = scores.float().topk(self._top_k(top_k, kind))
         outputs = {"gallery": kind, "scores": best.values, "indices": best.indices}
         if return_attention:
-            explainer = getattr(self.model, "dis", self.model)  # an ensemble explains with its `dis` member
+            explainer = next(iter(self.model.members().values()))  # an ensemble explains with its first member (dis)
             found = _member(_select(cache, best.indices))
             if text_query:
                 images, texts = found, _member(query)

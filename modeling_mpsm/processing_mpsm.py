@@ -11,7 +11,7 @@ import json
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -165,7 +165,7 @@ class MPSMProcessor(ProcessorMixin):
 
     Args:
         tokenizer (`PreTrainedTokenizerFast`):
-            Word-level tokenizer (see `modeling_mpsm.vocabulary.build_tokenizer`).
+            Word-level tokenizer (see `modeling_mpsm.data.vocabulary.build_tokenizer`).
         num_regions (`int`, defaults to 36):
             Regions per image after padding or truncation.
         max_length (`int`, defaults to 64):
@@ -179,7 +179,7 @@ class MPSMProcessor(ProcessorMixin):
     Attributes:
         parse_cache (`MutableMapping`, *optional*):
             Consulted before parsing (keyed by `caption_key(words)`, values are head lists) and filled with new parses,
-            e.g. a `modeling_mpsm.parsing.ParseCache`. Not saved.
+            e.g. a `dict` shared between processors of one job. Not saved.
     """
 
     attributes = ["tokenizer"]
@@ -194,7 +194,7 @@ class MPSMProcessor(ProcessorMixin):
         region_feature_dim: int | None = None,
     ):
         if tokenizer is None:
-            raise ValueError("`tokenizer` is required: build one with `modeling_mpsm.vocabulary.build_tokenizer`.")
+            raise ValueError("`tokenizer` is required: build one with `modeling_mpsm.data.vocabulary.build_tokenizer`.")
         if num_regions < 1:
             raise ValueError(f"`num_regions` must be positive, got {num_regions}.")
         if max_length < 3:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
+from .common import HUB_CONFIGS_DIR, METRIC_KEYS
+from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
 from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
 from .processing_mpsm import MPSMProcessor
 
@@ -24,13 +25,9 @@ from .processing_mpsm import MPSMProcessor
 logger = logging.getLogger(__name__)
 
 
-# The card templates live beside the paper-size configurations, as package data (the repository's top-level
-# `hub_configs` points here), so that an installed wheel publishes as a source checkout does.
-HUB_CONFIGS_DIR = Path(__file__).resolve().parent / "hub_configs"
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-METRIC_KEYS = RECALL_KEYS + ("rsum",)
+RECALL_KEYS = METRIC_KEYS[:-1]
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
 CONFIG_CLASSES = {"mpsm": MPSMConfig, "mpsm_ensemble": MPSMEnsembleConfig}
 # The Hub has no image-text retrieval task over region features; the models embed images and captions and score
@@ -39,11 +36,19 @@ PIPELINE_TAG = "feature-extraction"
 CARD_TAGS = ["mpsm", "image-text-retrieval", "cross-modal-retrieval", "region-features", "custom_code"]
 
 
+def member_configs(config) -> dict:
+    """The configurations of the models behind `config`: an ensemble's members by short name, or {"model": config}
+    (also for the classes of a model loaded as remote code)."""
+    if config.model_type == MPSMEnsembleConfig.model_type:
+        return {name: getattr(config, f"{name}_config") for name in PERSPECTIVES.values()}
+    return {"model": config}
+
+
 def model_variant(config) -> str:
     """Name of the published variant of a configuration: "dis", "dir", "joint" or "ensemble"."""
     if config.model_type == MPSMEnsembleConfig.model_type:  # also for the classes of a model loaded as remote code
         return "ensemble"
-    return {"distance": "dis", "direction": "dir", "joint": "joint"}[config.similarity]
+    return PERSPECTIVES.get(config.similarity, config.similarity)  # "joint" names itself
 
 
 def _tokenizer_vocab_size(tokenizer_file: Path) -> int:
@@ -85,7 +90,7 @@ def check_checkpoint(checkpoint_dir, processor_dir=None):
         raise ValueError(
             f"{tokenizer_file} is missing: save the processor next to the model (`processor.save_pretrained(dir)`)"
         )
-    vocab_size = config.dis_config.vocab_size if isinstance(config, MPSMEnsembleConfig) else config.vocab_size
+    vocab_size = next(iter(member_configs(config).values())).vocab_size
     tokenizer_vocab_size = _tokenizer_vocab_size(tokenizer_file)
     if tokenizer_vocab_size != vocab_size:
         raise ValueError(
@@ -230,7 +235,7 @@ def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None
                       training_args if training_args.is_file() else None, base_models)
 
 
-LOCAL_PATH_SETTINGS = ("data_dir", "output_dir", "config", "vocab", "resume_from_checkpoint", "debug_state_hash_file")
+LOCAL_PATH_SETTINGS = ("data_dir", "output_dir", "config", "vocab", "resume_from_checkpoint")
 
 
 def write_public_training_args(source, target):

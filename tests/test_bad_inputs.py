@@ -21,7 +21,7 @@ import torch
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.data import ScanSplit, convert_to_arrow, load_split
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def save_model(directory, data_dir, img_dim=16, min_count=1):
     processor = MPSMProcessor(tokenizer, num_regions=split.num_regions, dependency_parser="fallback",
                               region_feature_dim=img_dim)
     torch.manual_seed(0)
-    model = MPSMModel(MPSMConfig(img_dim=img_dim, vocab_size=len(tokenizer), num_regions=split.num_regions, **TINY))
+    model = MPSMModel(MPSMConfig(img_dim=img_dim, vocab_size=len(tokenizer), **TINY))
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return str(directory)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_mpsm import data, synthetic
+from modeling_mpsm import data
+from modeling_mpsm.data import arrow
+from modeling_mpsm.data import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_parallel_conversion_keeps_image_order(scan_dir, tmp_path):
 def test_conversion_is_idempotent_and_tracks_inputs(scan_dir, tmp_path):
     out = tmp_path / "arrow"
     data.convert_to_arrow(scan_dir, out, splits=("dev",))
-    marker = out / data.MARKER_FILE
+    marker = out / arrow.MARKER_FILE
     stamp = marker.stat().st_mtime_ns
     again = data.convert_to_arrow(scan_dir, out, splits=("dev",))
     assert marker.stat().st_mtime_ns == stamp and len(again["dev"]) == 4  # reused, not rewritten
@@ -148,7 +150,7 @@ def test_failed_conversion_leaves_nothing(scan_dir, tmp_path, monkeypatch):
         yield from []
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data, "_rows", broken_rows)
+    monkeypatch.setattr(arrow, "_rows", broken_rows)
     with pytest.raises(datasets.exceptions.DatasetGenerationError) as error:
         data.convert_to_arrow(scan_dir, tmp_path / "arrow", splits=("dev",))
     assert "disk full" in str(error.value.__cause__)
@@ -161,7 +163,7 @@ def test_load_split_converts_once(scan_dir, tmp_path):
     for name in ("dev_ims.npy", "dev_caps.txt"):  # no boxes: zeros and a flag
         (local / name).write_bytes((scan_dir / name).read_bytes())
     dev = data.load_split(local, "dev")
-    assert (local / "arrow_cache" / "dev" / data.MARKER_FILE).is_file()
+    assert (local / "arrow_cache" / "dev" / arrow.MARKER_FILE).is_file()
     assert not any(dev["has_boxes"]) and len(dev) == 4
     assert len(data.load_split(local / "arrow_cache" / "dev", "dev")) == 4
     item = data.CaptionPairDataset(dev)[0]
@@ -180,7 +182,7 @@ def test_caption_pair_dataset_and_collator(scan_dir, tmp_path):
     processor = FakeProcessor()
     loader = torch.utils.data.DataLoader(pairs, batch_size=6, collate_fn=data.MPSMCollator(processor))
     batch = next(iter(loader))
-    assert batch["image_index"].tolist() == [0, 0, 0, 0, 0, 1] and batch["image_index"].dtype == torch.long
+    assert batch["image_ids"].tolist() == [0, 0, 0, 0, 0, 1] and batch["image_ids"].dtype == torch.long
     assert processor.calls["region_features"].shape == (6, 36, 32) and processor.calls["boxes"].shape == (6, 36, 4)
     assert processor.calls["text"][5] == test[1]["captions"][0] and len(processor.calls["dependency_heads"]) == 6
     assert {"input_ids", "attention_mask", "dependency_adjacency", "region_features", "boxes", "region_mask"} <= set(batch)
@@ -205,11 +207,11 @@ def test_evaluation_batches_cover_each_item_once_in_order(scan_dir, tmp_path):
 
 def test_collator_with_the_real_processor(scan_dir, tmp_path):
     processing = pytest.importorskip("modeling_mpsm.processing_mpsm")
-    vocabulary = pytest.importorskip("modeling_mpsm.vocabulary")
+    vocabulary = pytest.importorskip("modeling_mpsm.data.vocabulary")
     train = data.convert_to_arrow(scan_dir, tmp_path / "arrow", splits=("train",), parser=ChainParser())["train"]
     word2idx = vocabulary.build_vocabulary([c for row in train["captions"] for c in row], min_count=1)
     processor = processing.MPSMProcessor(vocabulary.build_tokenizer(word2idx), dependency_parser="fallback")
     pairs = data.CaptionPairDataset(train)
     batch = data.MPSMCollator(processor)([pairs[i] for i in (0, 1, 7)])
     assert batch["region_features"].shape == (3, 36, 32) and batch["boxes"].shape == (3, 36, 4)
-    assert batch["dependency_adjacency"].shape[0] == 3 and batch["image_index"].tolist() == [0, 0, 1]
+    assert batch["dependency_adjacency"].shape[0] == 3 and batch["image_ids"].tolist() == [0, 0, 1]

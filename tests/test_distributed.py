@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from modeling_mpsm import synthetic
+from modeling_mpsm.data import synthetic
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_SCRIPT = os.path.join(REPO, "examples", "train_mpsm.py")
+TRAIN_AND_HASH = os.path.join(REPO, "tests", "train_and_hash.py")  # examples/train_mpsm.py, then each rank's hash
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
@@ -33,10 +33,10 @@ def test_two_processes_end_with_identical_weights_and_exit_cleanly(tmp_path, cpu
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        TRAIN_SCRIPT, *cpu_flag, "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--parser", "fallback",
+        TRAIN_AND_HASH, str(tmp_path / "hash_{rank}.txt"), *cpu_flag, "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--parser", "fallback",
         "--set", "embed_size=32", "sim_dim=16", "word_dim=16", "kgid_layers=1", "srgr_steps=1",
         "--batch_size", "8", "--max_train_steps", "4", "--warmup_steps", "2", "--checkpointing_steps", "2",
-        "--eval_steps", "2", "--logging_steps", "1", "--debug_state_hash_file", str(tmp_path / "hash_{rank}.txt"),
+        "--eval_steps", "2", "--logging_steps", "1",
     ]
     env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor, synthetic
+from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
+from modeling_mpsm.data import synthetic
 from modeling_mpsm.data import load_split
 from modeling_mpsm.evaluation import (
     METRIC_KEYS,
@@ -20,7 +21,7 @@ from modeling_mpsm.evaluation import (
     retrieval_recalls,
 )
 from modeling_mpsm.processing_mpsm import get_dependency_parser
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def tiny_model_dir(tmp_path_factory):
     vocabulary = build_vocabulary([c for captions in dataset["captions"] for c in captions], min_count=1)
     processor = MPSMProcessor(build_tokenizer(vocabulary), num_regions=8, dependency_parser="fallback")
     torch.manual_seed(0)
-    config = MPSMConfig(img_dim=32, num_regions=8, vocab_size=len(vocabulary), word_dim=16, embed_size=32,
+    config = MPSMConfig(img_dim=32, vocab_size=len(vocabulary), word_dim=16, embed_size=32,
                         sim_dim=16, kgid_layers=1, srgr_steps=1)
     MPSMModel(config).save_pretrained(model_dir)
     processor.save_pretrained(model_dir)

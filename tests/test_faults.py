@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 import modeling_mpsm.modeling_mpsm as modeling
 from modeling_mpsm.training import resolve_checkpoint
 
+from hooks import nan_losses_at
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO, "examples", "train_mpsm.py")
@@ -102,12 +104,12 @@ def test_sigkill_at_random_points_then_resume_is_exact(data_dir, tmp_path):
     print(f"faults injected: {len(events)} SIGKILLs ({mid_write} mid checkpoint write), runs resumed: {resumed}")
 
 
-def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(data_dir, tmp_path, caplog):
+def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(data_dir, tmp_path, caplog, monkeypatch):
     spec = importlib.util.spec_from_file_location("train_mpsm", TRAIN_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    argv = train_command(data_dir, tmp_path)[2:] + ["--max_nonfinite_steps", "3", "--debug_inject_nan_at_step", "5",
-                                                   "6", "7", "8"]
+    nan_losses_at(monkeypatch, {5, 6, 7, 8})
+    argv = train_command(data_dir, tmp_path)[2:] + ["--max_nonfinite_steps", "3"]
     with caplog.at_level(logging.ERROR), pytest.warns(UserWarning, match="Non-finite loss"):
         assert script.main(argv) == 1
     checkpoints = os.path.join(tmp_path, "checkpoints")
@@ -126,7 +128,7 @@ MEMORY_PROBE = textwrap.dedent("""
     bound, num_images, num_texts, words = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 12
     modeling.CAPTION_BLOCKS = int(sys.argv[5])
     torch.manual_seed(0)
-    model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=50, word_dim=8, embed_size=16, sim_dim=8, num_regions=36)).eval()
+    model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=50, word_dim=8, embed_size=16, sim_dim=8)).eval()
     images = encode_images(model, [{"region_features": torch.randn(num_images, 36, 16)}], progress=False)
     texts = encode_texts(model, [{"input_ids": torch.randint(4, 50, (num_texts, words))}], progress=False)
     score_matrix(model, images, texts, max_block_bytes=bound, progress=False)  # warm-up: kernels, allocator pools

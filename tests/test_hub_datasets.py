@@ -21,9 +21,9 @@ from huggingface_hub import DatasetCard
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.data import ScanSplit, caption_batches, convert_to_arrow, image_batches, load_split
-from modeling_mpsm.hub_dataset import write_hub_folder
+from modeling_mpsm.data.hub import write_hub_folder
 from modeling_mpsm.processing_mpsm import get_dependency_parser, tokenize_caption
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def hub_folder(data_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hub") / "tiny-regions"
     status = load_script("prepare_data.py").main([
         "--data_dir", data_dir, "--output_dir", str(folder), "--format", "hub", "--parser", "fallback",
-        "--detector", "synthetic scenes (modeling_mpsm.synthetic)", "--max_shard_size", "20KB",
+        "--detector", "synthetic scenes (modeling_mpsm.data.synthetic)", "--max_shard_size", "20KB",
     ])
     assert status == 0
     return str(folder)
@@ -79,7 +79,7 @@ def model_dir(data_dir, tmp_path_factory):
     tokenizer = build_tokenizer(build_vocabulary(ScanSplit(data_dir, "train").captions, min_count=1))
     processor = MPSMProcessor(tokenizer, num_regions=36, dependency_parser="fallback", region_feature_dim=16)
     processor.save_pretrained(directory)
-    config = MPSMConfig(img_dim=16, vocab_size=len(tokenizer), num_regions=36, embed_size=16, sim_dim=8, word_dim=8,
+    config = MPSMConfig(img_dim=16, vocab_size=len(tokenizer), embed_size=16, sim_dim=8, word_dim=8,
                         kgid_layers=1, srgr_steps=1)
     MPSMModel(config).save_pretrained(directory)
     return directory
@@ -94,7 +94,7 @@ def test_folder_holds_parquet_shards_and_a_card_with_metadata(hub_folder):
     meta = card.data.to_dict()
     assert meta["license"] == "unknown" and "placeholder" in card.text
     assert meta["task_categories"] == ["text-to-image", "image-to-text"] and meta["size_categories"] == ["n<1K"]
-    assert meta["detector"] == "synthetic scenes (modeling_mpsm.synthetic)"
+    assert meta["detector"] == "synthetic scenes (modeling_mpsm.data.synthetic)"
     assert meta["captions_per_image"] == 5 and meta["dependency_parser"] == "fallback"
     assert meta["configs"] == [{"config_name": "default", "data_files": [
         {"split": split, "path": f"data/{split}-*"} for split in SPLITS]}]
@@ -260,7 +260,7 @@ def test_push_to_hub_creates_the_dataset_repo_and_uploads_the_folder(data_dir, t
         uploaded["card"] = DatasetCard.load(folder / "README.md")
         return mock.Mock(commit_url=f"https://huggingface.co/datasets/{REPO_ID}/commit/0")
 
-    with mock.patch("modeling_mpsm.hub_dataset.HfApi") as hf_api:
+    with mock.patch("modeling_mpsm.data.hub.HfApi") as hf_api:
         api = hf_api.return_value
         api.upload_folder.side_effect = upload_folder
         status, out, err = run_main(capsys, "prepare_data.py", "--data_dir", data_dir, "--output_dir", tmp_path / "hub",

@@ -8,7 +8,8 @@ import torch
 from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel
 from modeling_mpsm.modeling_mpsm import (
     MPSMKGIDLayer,
-    MPSMSimilarityRepresentation,
+    MPSMDirectionRepresentation,
+    MPSMDistanceRepresentation,
     MPSMSpatialKernels,
     MPSMSRGRStep,
     add_linear,
@@ -18,7 +19,7 @@ from modeling_mpsm.modeling_mpsm import (
     triplet_loss,
 )
 
-TINY = dict(img_dim=12, vocab_size=40, word_dim=8, embed_size=16, sim_dim=8, num_regions=6)
+TINY = dict(img_dim=12, vocab_size=40, word_dim=8, embed_size=16, sim_dim=8)
 
 
 def tiny_config(**overrides):
@@ -201,10 +202,12 @@ def test_gradient_reaches_the_spatial_kernels_and_the_edge_weights():
     model.train()
     batch = make_batch(batch=4, seed=5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(**batch, return_loss=True, max_violation=False).loss.backward()
+    model.criterion.max_violation = False  # the sum of violations
+    model(**batch, return_loss=True).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    model(**batch, return_loss=True, max_violation=False).loss.backward()
+    model.criterion.max_violation = False  # the sum of violations
+    model(**batch, return_loss=True).loss.backward()
     kernels = model.spatial_kernels
     for name in ("mean_rho", "mean_theta", "log_sigma_rho", "mixture_logits"):
         assert getattr(kernels, name).grad.abs().max() > 0, name
@@ -236,8 +239,8 @@ def test_distance_and_direction_representations():
     config = tiny_config(embed_size=3, sim_dim=3)
     x = torch.tensor([[1.0, 2.0, 2.0]])
     y = torch.tensor([[2.0, 0.0, 2.0]])
-    distance = MPSMSimilarityRepresentation(config, "distance")
-    direction = MPSMSimilarityRepresentation(config, "direction")
+    distance = MPSMDistanceRepresentation(config)
+    direction = MPSMDirectionRepresentation(config)
     for module in (distance, direction):
         with torch.no_grad():
             module.proj.weight.copy_(torch.eye(3))
@@ -329,11 +332,13 @@ def test_hinge_on_logits_keeps_the_ranking_of_the_scores():
     torch.testing.assert_close(scores, (torch.sigmoid(logits["distance"]) + torch.sigmoid(logits["direction"])) / 2)
     model.train()
     logits = model.pair_logits(image, text)
-    on_logits = model.compute_loss(logits, image, text, max_violation=False)
+    model.criterion.max_violation = False  # the sum of violations
+    on_logits = model.criterion(logits, image, text)
     expected = sum(triplet_loss(value, 0.2, False) for value in logits.values())
     torch.testing.assert_close(on_logits, expected)
     model.config.hinge_on_logits = False
-    on_scores = model.compute_loss(logits, image, text, max_violation=False)
+    model.criterion.max_violation = False  # the sum of violations
+    on_scores = model.criterion(logits, image, text)
     torch.testing.assert_close(on_scores, sum(triplet_loss(torch.sigmoid(v), 0.2, False) for v in logits.values()))
 
 
@@ -462,7 +467,8 @@ VARIANTS = [
 def test_every_variant_trains_with_finite_gradients(overrides):
     torch.manual_seed(0)
     model = MPSMModel(tiny_config(**overrides)).train()
-    loss = model(**make_batch(batch=4, seed=3), return_loss=True, max_violation=False).loss
+    model.criterion.max_violation = False  # the sum of violations
+    loss = model(**make_batch(batch=4, seed=3), return_loss=True).loss
     loss.backward()
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     assert loss.item() > 0 and gradients and all(torch.isfinite(g).all() for g in gradients)
@@ -481,7 +487,8 @@ def test_training_steps_make_the_loss_fall(overrides):
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
-        loss = model(**batch, return_loss=True, max_violation=False).loss
+        model.criterion.max_violation = False  # the sum of violations
+        loss = model(**batch, return_loss=True).loss
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -652,7 +659,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(streams):
         if checkpointing:
             model.gradient_checkpointing_enable()
             assert model.is_gradient_checkpointing
-        loss = model(**make_batch(batch=4, seed=9), return_loss=True, max_violation=False).loss
+        model.criterion.max_violation = False  # the sum of violations
+        loss = model(**make_batch(batch=4, seed=9), return_loss=True).loss
         loss.backward()
         gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         statistics = {name: b.clone() for name, b in model.named_buffers() if "running" in name or "num_batches" in name}

@@ -1,4 +1,4 @@
-"""Progress bars in a log file: plain lines, no carriage returns or cursor moves (modeling_mpsm/progress.py)."""
+"""Progress bars in a log file: plain lines, no carriage returns or cursor moves (modeling_mpsm/common.py)."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 
 def test_bars_into_a_file_are_plain_lines():
     script = (
-        "from modeling_mpsm.progress import progress_bar\n"
+        "from modeling_mpsm.common import progress_bar\n"
         "for _ in progress_bar(range(500), desc='training', mininterval=0):\n"
         "    pass\n"
         "with progress_bar(total=2, desc='scoring') as bar:\n"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.processing_mpsm import tokenize_caption
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
 WORDS = "a man woman dog red blue bike car left of right above below two three small large wooden bench".split()
 FEATURE_DIM = 8

@@ -2,6 +2,7 @@
 upload calls (HfApi mocked) and the dry run of examples/publish_to_hub.py."""
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ METRICS = {
     "i2t_r1": 52.5, "i2t_r5": 81.0, "i2t_r10": 90.25, "t2i_r1": 41.0, "t2i_r5": 72.5, "t2i_r10": 83.0,
     "rsum": 420.25, "dataset": "synthetic-scenes", "split": "test", "protocol": "1K", "seconds": 12.0,
 }
-PAPER = dict(img_dim=2048, num_regions=36, vocab_size=8481, word_dim=300, embed_size=1024, sim_dim=256, kgid_layers=3,
+PAPER = dict(img_dim=2048, vocab_size=8481, word_dim=300, embed_size=1024, sim_dim=256, kgid_layers=3,
              srgr_steps=3, lambda_softmax=9.0, margin=0.2, max_violation=True)
 
 
@@ -82,6 +83,8 @@ def test_hub_config_is_paper_size_loads_and_scores(variant, tmp_path):
     members = [config.dis_config, config.dir_config] if variant == "ensemble" else [config]
     for member in members:
         assert {key: getattr(member, key) for key in PAPER} == PAPER
+        assert not hasattr(member, "num_regions")  # the paper's 36 regions are the processor's padding, not the model's
+    assert inspect.signature(MPSMProcessor).parameters["num_regions"].default == 36
     assert [member.similarity for member in members] == {
         "dis": ["distance"], "dir": ["direction"], "ensemble": ["distance", "direction"]
     }[variant]

@@ -19,7 +19,7 @@ from modeling_mpsm.visualization import figure_size, plot_word_region_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16, num_regions=6)
+TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16)
 
 
 def tiny_inputs(num_images=9, num_texts=13, seed=0):
@@ -101,11 +101,11 @@ def test_visualization_png_size(tmp_path):
 def cli_model_and_data(tmp_path):
     """A synthetic split of 8 test images and a tiny saved model with its processor: (data_dir, model_dir, captions,
     processor, model)."""
-    from modeling_mpsm.synthetic import generate
-    from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary
+    from modeling_mpsm.data.synthetic import generate
+    from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
     data_dir, model_dir = tmp_path / "data", tmp_path / "model"
-    generate(str(data_dir), num_train=2, num_dev=1, num_test=8, feature_dim=32, num_regions=6)
+    generate(str(data_dir), num_train=2, num_dev=1, num_test=8, feature_dim=32)
     captions = (data_dir / "test_caps.txt").read_text().splitlines()
     tokenizer = build_tokenizer(build_vocabulary(captions, min_count=1))
     processor = MPSMProcessor(tokenizer, num_regions=6, dependency_parser="fallback")

@@ -20,7 +20,7 @@ from modeling_mpsm.scoring import (
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16, num_regions=6)
+TINY = dict(img_dim=32, vocab_size=50, word_dim=16, embed_size=32, sim_dim=16)
 
 
 def tiny_model(seed=0, **overrides):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from modeling_mpsm import synthetic
+from modeling_mpsm.data import synthetic
 
 
 SIZES = {"num_train": 100, "num_dev": 10, "num_test": 40, "feature_dim": 32}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_mpsm import synthetic
+from modeling_mpsm.data import synthetic
 from modeling_mpsm.training import (
     EpochSampler,
     NonFiniteLossError,
@@ -24,6 +24,8 @@ from modeling_mpsm.training import (
     step_decay_schedule,
     use_max_violation,
 )
+
+from hooks import nan_losses_at
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +196,9 @@ def test_best_model_loads_in_a_fresh_process(trained_run):
     assert result.stdout.strip().endswith("MPSMModel (2, 2)")
 
 
-def test_nonfinite_loss_is_skipped_and_counted(scan_dir, tmp_path):
-    argv = train_args(scan_dir, tmp_path, "--max_train_steps", "5", "--debug_inject_nan_at_step", "1", "2")
+def test_nonfinite_loss_is_skipped_and_counted(scan_dir, tmp_path, monkeypatch):
+    nan_losses_at(monkeypatch, {1, 2})
+    argv = train_args(scan_dir, tmp_path, "--max_train_steps", "5")
     with pytest.warns(UserWarning, match="Non-finite loss"):
         assert load_train_script().main(argv) == 0
     log = read_log(str(tmp_path))
@@ -205,9 +208,10 @@ def test_nonfinite_loss_is_skipped_and_counted(scan_dir, tmp_path):
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
-def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(scan_dir, tmp_path):
+def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(scan_dir, tmp_path, monkeypatch):
+    nan_losses_at(monkeypatch, range(3, 8))
     argv = train_args(scan_dir, tmp_path, "--max_train_steps", "8", "--checkpointing_steps", "2",
-                      "--max_nonfinite_steps", "3", "--debug_inject_nan_at_step", *map(str, range(3, 8)))
+                      "--max_nonfinite_steps", "3")
     with pytest.warns(UserWarning, match="Non-finite loss"):
         assert load_train_script().main(argv) == 1
     # Updates 4-6 were skipped (3 in a row): stopped during update 6, before its checkpoint. Step 4's checkpoint holds
@@ -275,7 +279,8 @@ def fp16_accelerator():
     reset()
 
 
-def test_fp16_overflows_are_skipped_by_the_scaler_and_training_continues(scan_dir, tmp_path, fp16_accelerator):
+def test_fp16_overflows_are_skipped_by_the_scaler_and_training_continues(scan_dir, tmp_path, fp16_accelerator,
+                                                                          monkeypatch):
     """An initial loss scale of 2^20 makes the fp16 gradients overflow at first: each overflow update is skipped by
     the scaler, which halves its scale, and counted; training runs to its last step with finite weights. (Before, the
     loop skipped `optimizer.step()` itself, the scaler never updated, and the next `clip_grad_norm_` raised
@@ -283,8 +288,8 @@ def test_fp16_overflows_are_skipped_by_the_scaler_and_training_continues(scan_di
     skipped and counted by the package, without touching the scale."""
     init_scale, steps = 2.0**20, 16
     script = load_train_script()
-    args = script.parse_args(train_args(scan_dir, tmp_path, "--max_train_steps", str(steps),
-                                        "--debug_inject_nan_at_step", "1"))
+    nan_losses_at(monkeypatch, {1})
+    args = script.parse_args(train_args(scan_dir, tmp_path, "--max_train_steps", str(steps)))
     accelerator = fp16_accelerator(init_scale)
     with pytest.warns(UserWarning, match="Non-finite loss or gradient at step 1"):
         state = script.run(args, accelerator)

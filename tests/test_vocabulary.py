@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_mpsm.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary, tokenize_caption
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary, load_scan_vocabulary, tokenize_caption
 
 
 # The real Flickr30K SCAN vocabulary: in $MPSM_SHARED_DIR/data when set, else in ../shared/data beside the repository

@@ -24,13 +24,13 @@ CHILD = textwrap.dedent(
     import modeling_mpsm, modeling_mpsm.metrics
     from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
     from modeling_mpsm.publishing import publish
-    from modeling_mpsm.vocabulary import SPECIAL_TOKENS, build_tokenizer
+    from modeling_mpsm.data.vocabulary import SPECIAL_TOKENS, build_tokenizer
     from transformers import AutoModel
 
     assert modeling_mpsm.__file__.startswith(sys.argv[1]), modeling_mpsm.__file__  # the wheel, not the source tree
     words = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
     config = MPSMConfig(img_dim=16, vocab_size=len(words), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1,
-                        srgr_steps=1, num_regions=4)
+                        srgr_steps=1)
     torch.manual_seed(0)
     MPSMModel(config).save_pretrained("ckpt")
     processor = MPSMProcessor(build_tokenizer({word: i for i, word in enumerate(words)}), num_regions=4,

@@ -3,12 +3,11 @@
 import torch
 
 from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor
-from modeling_mpsm.vocabulary import SPECIAL_TOKENS, build_tokenizer
+from modeling_mpsm.data.vocabulary import SPECIAL_TOKENS, build_tokenizer
 
 
 WORDS = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
-TINY = dict(img_dim=16, vocab_size=len(WORDS), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1, srgr_steps=1,
-            num_regions=4)
+TINY = dict(img_dim=16, vocab_size=len(WORDS), word_dim=8, embed_size=16, sim_dim=8, kgid_layers=1, srgr_steps=1)
 
 
 def tiny_models():

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .processing_mpsm import WORD_PATTERN, tokenize_caption
+from ..processing_mpsm import WORD_PATTERN, tokenize_caption
 
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_vocabulary", "load_scan_vocabulary", "tokenize_caption"]

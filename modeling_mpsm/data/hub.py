@@ -25,8 +25,7 @@ import datasets
 from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
-from .data import CAPTIONS_PER_IMAGE
-from .publishing import HUB_CONFIGS_DIR
+from ..common import CAPTIONS_PER_IMAGE, HUB_CONFIGS_DIR
 
 
 CARD_TEMPLATE = HUB_CONFIGS_DIR / "region-features-dataset" / "README.md"

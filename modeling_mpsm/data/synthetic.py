@@ -24,21 +24,19 @@ Files written per split (`train`, `dev`, `test`), `N` images, `R` regions, featu
 - `{split}_scenes.json`: the scenes, their twin and the change that makes them twins
 - `meta.json`: the generator settings, class and attribute vocabularies
 
-Usage: `python -m modeling_mpsm.synthetic --output_dir DIR [--seed 0 --num_train 3000 --feature_dim 2048]`.
+Usage: `python -m modeling_mpsm.data.synthetic --output_dir DIR [--seed 0 --num_train 3000 --feature_dim 2048]`.
 """
 
 import argparse
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
-from .progress import progress_bar
+from ..common import CAPTIONS_PER_IMAGE, atomic_write, atomic_write_text, progress_bar
 
 
-CAPTIONS_PER_IMAGE = 5
 FOCUS_CAPTIONS = 3  # captions per image rendered from the plan shared with the twin
 SPLITS = ("train", "dev", "test")
 
@@ -424,25 +422,12 @@ def scene_regions(rng, scene: Scene, basis: FeatureBasis, num_regions: int):
     return recipe, noise, boxes, labels
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call `write(tmp_path)`, then move the finished file to `path` (readers never see a partial file)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as file:
+            np.save(file, array)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_split(output_dir: str, split: str, num_images: int, rng, basis: FeatureBasis, num_regions: int, chunk_size: int = 128) -> None:
@@ -469,25 +454,17 @@ def write_split(output_dir: str, split: str, num_images: int, rng, basis: Featur
         features.flush()
         del features
 
-    _atomic_write(os.path.join(output_dir, f"{split}_ims.npy"), write_features)
+    atomic_write(os.path.join(output_dir, f"{split}_ims.npy"), write_features)
     sizes = np.array([[s.width, s.height] for s in scenes], dtype=np.int32)
     for name, array in (("ims_bbx", boxes), ("ims_size", sizes), ("region_labels", labels)):
         _save_npy(os.path.join(output_dir, f"{split}_{name}.npy"), array)
-    _write_text(os.path.join(output_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
+    atomic_write_text(os.path.join(output_dir, f"{split}_caps.txt"), "".join(c + "\n" for c in captions))
     records = [
         {"image_id": i, "width": s.width, "height": s.height, "background": list(s.background), "twin": s.twin,
          "change": s.change, "entities": [vars(e) | {"box": [round(v, 2) for v in e.box]} for e in s.entities]}
         for i, s in enumerate(scenes)
     ]
-    _write_text(os.path.join(output_dir, f"{split}_scenes.json"), json.dumps(records, indent=1))
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
+    atomic_write_text(os.path.join(output_dir, f"{split}_scenes.json"), json.dumps(records, indent=1))
 
 
 def generate(output_dir: str, seed: int = 0, num_train: int = 3000, num_dev: int = 200, num_test: int = 1000,
@@ -504,7 +481,7 @@ def generate(output_dir: str, seed: int = 0, num_train: int = 3000, num_dev: int
         # each split gets its own stream so that changing one split's size leaves the others unchanged
         write_split(output_dir, split, counts[split], np.random.default_rng([seed, SPLITS.index(split) + 1]), basis, num_regions)
     meta = {
-        "generator": "modeling_mpsm.synthetic",
+        "generator": "modeling_mpsm.data.synthetic",
         "seed": seed,
         "num_images": counts,
         "captions_per_image": CAPTIONS_PER_IMAGE,
@@ -519,7 +496,7 @@ def generate(output_dir: str, seed: int = 0, num_train: int = 3000, num_dev: int
         "relations": [r for r in RELATIONS],
         "templates": list(TEMPLATES),
     }
-    _write_text(os.path.join(output_dir, "meta.json"), json.dumps(meta, indent=2))
+    atomic_write_text(os.path.join(output_dir, "meta.json"), json.dumps(meta, indent=2))
     return meta
 
 

@@ -1,19 +1,8 @@
-"""Data for MPSM: SCAN/GSMN precomputed region features, their Arrow conversion, and training/evaluation batching.
+"""Region-feature data sets as `datasets` tables: the Arrow conversion of a SCAN directory, and `load_split`, which
+reads a split from any source (SCAN directory, Arrow `DatasetDict`, Parquet folder of a Hub dataset, Hub id).
 
-A SCAN-format directory holds, per split (`train`, `dev`, `test`, `testall` for COCO 5K, ...):
-
-- `{split}_ims.npy`: float `[N, R, D]` region features (BUTD: R = 36, D = 2048)
-- `{split}_caps.txt`: UTF-8, one caption per line, five consecutive lines per image
-- `{split}_ims_bbx.npy` (optional): `[N, R, 4]` boxes `(x1, y1, x2, y2)`, in pixels or already in [0, 1]
-- `{split}_ims_size.npy` (optional): `[N, 2]` image `(w, h)`
-
-As in SCAN's loader, the feature array may instead repeat each image five times (one row per caption).
-
-`convert_to_arrow` turns such a directory into a `datasets.DatasetDict` with one row per image; `load_split` does it
-on first use, and also reads those rows from an Arrow `DatasetDict`, a Hub dataset folder of Parquet shards
-(`modeling_mpsm.hub_dataset`, `examples/prepare_data.py --format hub`) or a dataset on the Hub. `CaptionPairDataset`
-and `MPSMCollator` feed training (one item per caption), `image_batches` and `caption_batches` feed evaluation
-(each image and each caption once).
+One row per image: `image_id`, `region_features` [R, D], `boxes` [R, 4] in [0, 1], `has_boxes`, `image_size` (w, h),
+`captions` (5 strings) and, when a parser was given, `dependency_heads` (one head list per caption).
 """
 
 import glob
@@ -26,136 +15,16 @@ from collections.abc import Iterator, Sequence
 
 import datasets
 import numpy as np
-import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from .progress import progress_bar
+
+from ..common import CAPTIONS_PER_IMAGE, progress_bar
+from .scan import ScanSplit
 
 
-CAPTIONS_PER_IMAGE = 5
 CONVERSION_VERSION = 1
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 MARKER_FILE = "mpsm_conversion.json"
-
-
-def _open_npy(path: str) -> np.memmap:
-    """Memory-map a `.npy` file, checking that it holds as many bytes as its header promises."""
-    try:
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            offset = f.tell()
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a valid .npy file: {error}") from error
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    actual = os.path.getsize(path)
-    if actual < expected:
-        raise ValueError(f"{path} is truncated: its header announces shape {shape} ({expected} bytes), the file has {actual}.")
-    return np.load(path, mmap_mode="r")
-
-
-def _read_captions(path: str) -> list[str]:
-    """Captions of a `_caps.txt` file, one per line; a line that is not UTF-8 raises naming the file and line."""
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
-    captions = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            captions.append(line.decode("utf-8").strip())
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not valid UTF-8 ({error}).") from error
-    return captions
-
-
-class ScanSplit:
-    """One split of a SCAN-format directory, with the features memory-mapped (never read whole).
-
-    Attributes:
-        images (`np.memmap` `[N, R, D]`): region features of the N distinct images.
-        captions (`list[str]`): `5 * N` captions; captions `5i .. 5i + 4` describe image `i`.
-        boxes (`np.ndarray` `[N, R, 4]` or `None`): region boxes as stored (pixels or [0, 1]).
-        image_sizes (`np.ndarray` `[N, 2]` or `None`): image `(w, h)`.
-    """
-
-    def __init__(self, data_dir: str, split: str):
-        self.data_dir, self.split = str(data_dir), split
-        self.images_path = self.path("ims.npy")
-        self.captions_path = self.path("caps.txt")
-        for path in (self.images_path, self.captions_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"Split {split!r} of {self.data_dir}: expected file {path} does not exist.")
-        rows = _open_npy(self.images_path)
-        if rows.ndim != 3:
-            raise ValueError(f"{self.images_path} must hold [images, regions, features], got shape {rows.shape}.")
-        self.captions = _read_captions(self.captions_path)
-        num_rows, num_captions = len(rows), len(self.captions)
-        if num_rows and num_captions == CAPTIONS_PER_IMAGE * num_rows:
-            stride = 1
-        elif num_rows and num_captions == num_rows and num_rows % CAPTIONS_PER_IMAGE == 0:
-            stride = CAPTIONS_PER_IMAGE  # SCAN's "im_div": each image repeated once per caption
-        else:
-            raise ValueError(
-                f"{self.captions_path} has {num_captions} captions for {num_rows} feature rows in {self.images_path}: "
-                f"expected {CAPTIONS_PER_IMAGE} captions per image (or one per row, with each image repeated "
-                f"{CAPTIONS_PER_IMAGE} times)."
-            )
-        self.images = rows[::stride]
-        self.boxes = self._optional("ims_bbx.npy", (num_rows, rows.shape[1], 4), stride)
-        self.image_sizes = self._optional("ims_size.npy", (num_rows, 2), stride)
-
-    def path(self, suffix: str) -> str:
-        return os.path.join(self.data_dir, f"{self.split}_{suffix}")
-
-    def _optional(self, suffix: str, shape: tuple[int, ...], stride: int) -> np.ndarray | None:
-        path = self.path(suffix)
-        if not os.path.isfile(path):
-            return None
-        array = _open_npy(path)
-        if array.shape != shape:
-            raise ValueError(f"{path} has shape {array.shape}, but {self.images_path} implies {shape}.")
-        return np.asarray(array[::stride], dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def num_regions(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def feature_dim(self) -> int:
-        return self.images.shape[2]
-
-    def normalized_boxes(self, start: int, stop: int) -> np.ndarray | None:
-        """Boxes of images `start:stop` in [0, 1], float32 `[stop - start, R, 4]`, or `None` without a box file."""
-        if self.boxes is None:
-            return None
-        boxes = self.boxes[start:stop]
-        bad = ~np.isfinite(boxes).all(axis=(1, 2)) | (boxes[..., 2] < boxes[..., 0]).any(1) | (boxes[..., 3] < boxes[..., 1]).any(1)
-        if bad.any():
-            raise ValueError(
-                f"{self.path('ims_bbx.npy')}: images {(start + np.flatnonzero(bad)).tolist()} have boxes that are not "
-                "finite (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1."
-            )
-        if self.image_sizes is not None:
-            width_height = np.maximum(self.image_sizes[start:stop], 1.0)
-            boxes = boxes / np.tile(width_height, 2)[:, None, :]
-        elif boxes.size and boxes.max() > 1.0 + 1e-3:
-            raise ValueError(f"{self.path('ims_bbx.npy')} holds pixel boxes but {self.path('ims_size.npy')} is missing.")
-        outside = ((boxes < -0.01) | (boxes > 1.01)).any(axis=(1, 2))  # detector rounding is clipped, more is an error
-        if outside.any():
-            raise ValueError(
-                f"{self.path('ims_bbx.npy')}: images {(start + np.flatnonzero(outside)).tolist()} have boxes outside "
-                f"the image (of {self.path('ims_size.npy')} when present, else [0, 1])."
-            )
-        return np.clip(boxes, 0.0, 1.0).astype(np.float32)
-
-    def fingerprint(self) -> list:
-        """Names, sizes and modification times of the input files (what a cached conversion depends on)."""
-        names = ("ims.npy", "caps.txt", "ims_bbx.npy", "ims_size.npy")
-        stats = [(self.path(n), os.stat(self.path(n))) for n in names if os.path.isfile(self.path(n))]
-        return [[os.path.basename(path), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
 
 
 def _features(split: ScanSplit, with_heads: bool, feature_dtype: str = "float16") -> datasets.Features:
@@ -180,7 +49,7 @@ def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=
     """
     split = ScanSplit(data_dir, split_name)
     if parser is not None:
-        from .processing_mpsm import tokenize_caption
+        from ..processing_mpsm import tokenize_caption
     progress = progress_bar(total=sum(stop - start for start, stop in chunks), desc=f"converting {split_name}", unit="image")
     dtype = FEATURE_DTYPES[feature_dtype]
     for start, stop in chunks:
@@ -304,7 +173,7 @@ def _load_from_disk(path: str):
 
 
 def _is_parquet_folder(path: str) -> bool:
-    """A folder holding Parquet files: a Hub dataset's files, as `modeling_mpsm.hub_dataset.write_hub_folder` writes."""
+    """A folder holding Parquet files: a Hub dataset's files, as `modeling_mpsm.data.hub.write_hub_folder` writes."""
     return os.path.isdir(path) and any(glob.iglob(os.path.join(glob.escape(path), "**", "*.parquet"), recursive=True))
 
 
@@ -367,7 +236,7 @@ def load_split(data_dir: str, split: str, parser=None, name: str | None = None) 
 
     - an Arrow `DatasetDict` directory (`convert_to_arrow`, `examples/prepare_data.py`), or one split's directory;
     - a SCAN directory, converted on first use into `<data_dir>/arrow_cache/<split>` and reused afterwards;
-    - a folder of Parquet shards with a dataset card (`modeling_mpsm.hub_dataset.write_hub_folder`), or the id of
+    - a folder of Parquet shards with a dataset card (`modeling_mpsm.data.hub.write_hub_folder`), or the id of
       such a dataset on the Hub: both are read with `datasets.load_dataset`, which prepares every split in its cache
       on first use (with `HF_HUB_OFFLINE=1`, a Hub id resolves to the copy an earlier load cached).
 
@@ -394,99 +263,3 @@ def load_split(data_dir: str, split: str, parser=None, name: str | None = None) 
         raise FileNotFoundError(f"{name}: no such folder, and not a Hub dataset id (ORG/NAME) either.")
     _check_columns(dataset, split, name)
     return dataset
-
-
-def _heads_list(heads) -> list[list[int]] | None:
-    return None if heads is None else [[int(h) for h in caption] for caption in heads]
-
-
-class CaptionPairDataset(torch.utils.data.Dataset):
-    """Caption-level view of an image-level dataset: item `i` pairs caption `i % 5` with image `i // 5`.
-
-    Items are dicts with `image_index` int, `caption` str, `dependency_heads` (`list[int]` or `None`),
-    `region_features` float32 `[R, D]` and `boxes` float32 `[R, 4]` in [0, 1] (or `None` without boxes).
-    """
-
-    def __init__(self, dataset: datasets.Dataset):
-        self.dataset = dataset.with_format("numpy")
-        self.has_heads = "dependency_heads" in dataset.column_names
-
-    def __len__(self) -> int:
-        return CAPTIONS_PER_IMAGE * len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        image_index, caption_index = divmod(int(index), CAPTIONS_PER_IMAGE)
-        row = self.dataset[image_index]
-        return {
-            "image_index": image_index,
-            "caption": str(row["captions"][caption_index]),
-            "dependency_heads": [int(h) for h in row["dependency_heads"][caption_index]] if self.has_heads else None,
-            "region_features": row["region_features"].astype(np.float32),
-            "boxes": row["boxes"] if row["has_boxes"] else None,
-        }
-
-
-class MPSMCollator:
-    """`collate_fn` turning `CaptionPairDataset` items into a model batch.
-
-    Calls `processor(text=..., region_features=[B, R, D], boxes=[B, R, 4] or None, dependency_heads=...)` and adds
-    `image_index` (long `[B]`), so that a loss can tell when two captions of a batch share their image.
-    """
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, items: list[dict]) -> dict:
-        heads = [item["dependency_heads"] for item in items]
-        boxes = [item["boxes"] for item in items]
-        batch = self.processor(
-            text=[item["caption"] for item in items],
-            region_features=np.stack([item["region_features"] for item in items]),
-            boxes=np.stack(boxes) if all(b is not None for b in boxes) else None,
-            dependency_heads=heads if all(h is not None for h in heads) else None,
-        )
-        batch["image_index"] = torch.tensor([item["image_index"] for item in items], dtype=torch.long)
-        return batch
-
-
-def image_batches(dataset: datasets.Dataset, batch_size: int, processor=None) -> Iterator[dict]:
-    """Each image once, in order, `batch_size` at a time.
-
-    Yields dicts with `image_index` long `[b]`, `region_features` float32 `[b, R, D]` and `boxes` float32 `[b, R, 4]`
-    (or `None` without boxes); with a `processor`, its output for these images plus `image_index`.
-    """
-    view = dataset.with_format("numpy", columns=["region_features", "boxes", "has_boxes"])
-    for start in range(0, len(view), batch_size):
-        rows = view[start : start + batch_size]
-        boxes = rows["boxes"] if rows["has_boxes"].all() else None
-        batch = {"region_features": rows["region_features"].astype(np.float32), "boxes": boxes}
-        if processor is not None:
-            batch = processor(**batch)
-        batch["image_index"] = torch.arange(start, start + len(rows["has_boxes"]))
-        yield batch
-
-
-def caption_batches(dataset: datasets.Dataset, batch_size: int, processor=None) -> Iterator[dict]:
-    """Each caption once, in order (captions of image `i` are `5i .. 5i + 4`), `batch_size` at a time.
-
-    Yields dicts with `caption_index` long `[b]`, `image_index` long `[b]` (the image each caption describes),
-    `text` (`list[str]`) and `dependency_heads` (`list[list[int]]` or `None`); with a `processor`, its output for
-    these captions plus both indices.
-    """
-    columns = ["captions"] + (["dependency_heads"] if "dependency_heads" in dataset.column_names else [])
-    view = dataset.select_columns(columns)
-    num_captions = CAPTIONS_PER_IMAGE * len(view)
-    for start in range(0, num_captions, batch_size):
-        stop = min(start + batch_size, num_captions)
-        rows = view[start // CAPTIONS_PER_IMAGE : (stop - 1) // CAPTIONS_PER_IMAGE + 1]
-        offset = start - (start // CAPTIONS_PER_IMAGE) * CAPTIONS_PER_IMAGE
-        texts = [c for captions in rows["captions"] for c in captions][offset : offset + stop - start]
-        heads = None
-        if "dependency_heads" in rows:
-            heads = _heads_list([h for image in rows["dependency_heads"] for h in image][offset : offset + stop - start])
-        batch = {"text": texts, "dependency_heads": heads}
-        if processor is not None:
-            batch = processor(**batch)
-        batch["caption_index"] = torch.arange(start, stop)
-        batch["image_index"] = batch["caption_index"] // CAPTIONS_PER_IMAGE
-        yield batch

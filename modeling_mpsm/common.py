@@ -1,0 +1,84 @@
+"""Helpers every room of the package shares: the data sets' constants, the metric keys, atomic file writes and
+progress bars. Imports nothing of the package but the self-contained Recall@K metric.
+
+Progress bars read well both in a terminal and in a log file. In a terminal, `progress_bar` is `tqdm.auto.tqdm`.
+When stderr is not a terminal (`make main > log`, CI, a job scheduler), a redrawn bar would fill the file with
+carriage returns and cursor moves; there the bar is printed as one plain line at most every `LOG_INTERVAL` seconds
+(and once when it ends), e.g.
+`training:  40%|####      | 200/500 [00:41<01:02,  4.8it/s, loss=12.3]`.
+"""
+
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .metrics.recall_at_k.ranking import CAPTIONS_PER_IMAGE, RECALL_KS
+
+
+__all__ = ["CAPTIONS_PER_IMAGE", "HUB_CONFIGS_DIR", "METRIC_KEYS", "atomic_write", "atomic_write_text", "progress_bar"]
+
+
+# The model-card and dataset-card templates, inside the package (the repository's top-level `hub_configs` points
+# here), so that an installed wheel publishes as a source checkout does.
+HUB_CONFIGS_DIR = Path(__file__).resolve().parent / "hub_configs"
+METRIC_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in RECALL_KS) + ("rsum",)
+
+
+LOG_INTERVAL = 30.0  # seconds between two lines of one bar in a log file
+_CONTROL = re.compile(r"\r|\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _LineStream:
+    """A text stream for tqdm that turns each redraw into one line (carriage returns and cursor moves removed)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        line = _CONTROL.sub("", text).strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """`tqdm(iterable, **kwargs)`, as plain lines every `LOG_INTERVAL` s when stderr is not a terminal."""
+    if not kwargs.get("disable") and not sys.stderr.isatty():
+        kwargs = {"mininterval": LOG_INTERVAL, "ascii": True, "dynamic_ncols": False, "ncols": 100, **kwargs,
+                  "file": _LineStream(sys.stderr)}
+    return tqdm(iterable, **kwargs)
+
+
+def atomic_write(path: str, write) -> None:
+    """
+    `write(temporary_path)`, then `os.replace` of the finished file onto `path`: readers see the old file or the whole
+    new one, never a partial file. The temporary file sits beside `path` (same file system) and is removed on failure
+    (e.g. a full disk midway).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates files readable by the owner only
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """`atomic_write` of a UTF-8 text file with `\\n` line ends."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8", newline="\n") as file:
+            file.write(text)
+
+    atomic_write(path, write)
