@@ -31,9 +31,7 @@ from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
 CAPTION_BLOCKS = 8
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------------------
+# Outputs ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -94,9 +92,7 @@ class MPSMOutput(ModelOutput):
     text_embeds: torch.FloatTensor = None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------------------------
+# Small helpers ------------------------------------------------------------------------------------------------------
 
 
 def l2norm(x, dim=-1, eps=1e-8):
@@ -224,9 +220,7 @@ def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_siz
     return attention_mask, dependency_adjacency
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 1. Encoders
-# --------------------------------------------------------------------------------------------------------------
+# 1. Encoders --------------------------------------------------------------------------------------------------------
 
 
 class MPSMImageEncoder(nn.Module):
@@ -237,6 +231,7 @@ class MPSMImageEncoder(nn.Module):
         self.fc = nn.Linear(config.img_dim, config.embed_size)
 
     def forward(self, region_features, region_mask):
+        """region_features [I, n, img_dim], region_mask [I, n] (bool) -> V [I, n, d], padded regions zero."""
         return l2norm(self.fc(region_features)) * region_mask.unsqueeze(-1)
 
 
@@ -278,9 +273,7 @@ class MPSMWordSelfAttention(nn.Module):
         return words, importance
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 2. Semantic knowledge graphs (eq 1-4)
-# --------------------------------------------------------------------------------------------------------------
+# 2. Semantic knowledge graphs (eq 1-4) ------------------------------------------------------------------------------
 
 
 class MPSMSpatialKernels(nn.Module):
@@ -329,9 +322,7 @@ def semantic_knowledge_graph(nodes, prior, mask, lambda_softmax):
     return edges / edges.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 3. Knowledge Graph Iterative Dissemination (eq 5-9)
-# --------------------------------------------------------------------------------------------------------------
+# 3. Knowledge Graph Iterative Dissemination (eq 5-9) ----------------------------------------------------------------
 
 
 class MPSMKGIDLayer(nn.Module):
@@ -398,9 +389,7 @@ class MPSMKGID(nn.Module):
         return l2norm(nodes) * mask.unsqueeze(-1)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 4. Global features (self-attention pooling, as SGRAF's VisualSA/TextSA)
-# --------------------------------------------------------------------------------------------------------------
+# 4. Global features (self-attention pooling, as SGRAF's VisualSA/TextSA) --------------------------------------------
 
 
 class MPSMGlobalAttention(nn.Module):
@@ -423,9 +412,7 @@ class MPSMGlobalAttention(nn.Module):
         return l2norm((weights.unsqueeze(-1) * nodes).sum(1)), weights
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 5. Cross attention (per pair)
-# --------------------------------------------------------------------------------------------------------------
+# 5. Cross attention (per pair) --------------------------------------------------------------------------------------
 
 
 def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries_first):
@@ -462,9 +449,7 @@ def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries
     return attended, attention
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 6. Multi-perspective similarity representations (eq 10-15)
-# --------------------------------------------------------------------------------------------------------------
+# 6. Multi-perspective similarity representations (eq 10-15) ---------------------------------------------------------
 
 
 class MPSMDistanceRepresentation(nn.Module):
@@ -505,9 +490,7 @@ if SIMILARITY_REPRESENTATIONS.keys() != PERSPECTIVES.keys():
                       f"configuration_mpsm.py ({list(PERSPECTIVES)}) must be the same")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 7. Similarity-Relation Graph Reconstruction (eq 16-20)
-# --------------------------------------------------------------------------------------------------------------
+# 7. Similarity-Relation Graph Reconstruction (eq 16-20) -------------------------------------------------------------
 
 
 class MaskedBatchNorm(nn.BatchNorm1d):
@@ -690,9 +673,7 @@ class MPSMSimilarityHead(nn.Module):
         return (torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0]), torch.cat(masks, 1)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# 8. Losses (eq 21 and the options)
-# --------------------------------------------------------------------------------------------------------------
+# 8. Losses (eq 21 and the options) ----------------------------------------------------------------------------------
 
 
 def triplet_loss(scores, margin, max_violation=True, positive_mask=None):
@@ -738,9 +719,7 @@ def global_contrastive_loss(image_embeds, text_embeds, temperature, positive_mas
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------------------
+# The model ----------------------------------------------------------------------------------------------------------
 
 
 class MPSMRetrievalLoss(nn.Module):
@@ -1195,9 +1174,7 @@ def chain_adjacency(attention_mask):
     return band * mask.unsqueeze(2) * mask.unsqueeze(1)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# MPSM*: the dis + dir ensemble
-# --------------------------------------------------------------------------------------------------------------
+# MPSM*: the dis + dir ensemble --------------------------------------------------------------------------------------
 
 
 class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
