@@ -20,10 +20,12 @@ import torch
 from modeling_mpsm import MPSMConfig, MPSMModel
 from modeling_mpsm.retrieval import MPSMIndex, global_embeddings, rerank
 from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix, select_items
+from modeling_mpsm.training import set_loss_mode
 
 
 NUM_CONCEPTS, CONCEPTS_PER_IMAGE, NUM_REGIONS, FEATURE_DIM, NUM_FILLERS = 100, 4, 8, 64, 20
 START, END, FIRST_WORD = 1, 2, 3
+WARMUP_STEPS = 201  # updates 0-200 sum the violations, later ones take the hardest negatives
 
 
 def parse_args(argv=None):
@@ -73,8 +75,8 @@ def train(model, world, seconds, batch_size=32):
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         features, boxes, input_ids = world.sample(batch_size)
-        loss = model(input_ids=input_ids, region_features=features, boxes=boxes, return_loss=True,
-                     max_violation=steps > 200).loss
+        set_loss_mode(model, steps, WARMUP_STEPS)  # as the training loop does: the loss owns its mode
+        loss = model(input_ids=input_ids, region_features=features, boxes=boxes, return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
