@@ -1,13 +1,14 @@
 """Evaluate MPSM on the standard image-text retrieval protocols (SCAN's i2t / t2i Recall@K and rsum).
 
     python examples/evaluate_mpsm.py --model runs/mpsm-dis --data_dir data/f30k_precomp --protocol f30k
-    python examples/evaluate_mpsm.py --model runs/mpsm-dis --model2 runs/mpsm-dir --data_dir data/coco_precomp \
+    python examples/evaluate_mpsm.py --model runs/mpsm-dis runs/mpsm-dir --data_dir data/coco_precomp \
         --protocol coco1k --output_json results.json
     accelerate launch examples/evaluate_mpsm.py ...   # the rows of each score matrix are shared out over processes
 
 Protocols: `f30k` (the 1,000 test images against their 5,000 captions), `coco1k` (mean over the five 1,000-image folds
-of `testall`) and `coco5k` (all of `testall`). `--model2`, or an ensemble checkpoint (`MPSMEnsembleModel`), evaluates
-MPSM*: the mean of the two models' score matrices. Recall is computed by the local `evaluate` module
+of `testall`) and `coco5k` (all of `testall`). Several models (`--model A B ...`, or `--model A --model2 B`), or an
+ensemble checkpoint (`MPSMEnsembleModel`), evaluate MPSM*: the mean of the models' score matrices (with several models,
+each model's own metrics are reported too, under `members`). Recall is computed by the local `evaluate` module
 `modeling_mpsm/metrics/recall_at_k`.
 """
 
@@ -28,21 +29,23 @@ from modeling_mpsm.data import dataset_name, load_split
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
-from modeling_mpsm.common import atomic_write
+from modeling_mpsm.common import RECALL_KS, atomic_write
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
-
 
 
 def write_json(path, value):
     with open(path, "w", encoding="utf-8") as file:
         json.dump(value, file, indent=2)
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
-    parser.add_argument("--model", required=True, help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel).")
-    parser.add_argument("--model2", help="Second model: evaluates the mean of both score matrices (MPSM*).")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel); several evaluate the mean of "
+                             "their score matrices (MPSM*).")
+    parser.add_argument("--model2", help="One more model, as a second --model path (kept for older commands).")
     parser.add_argument("--data_dir", required=True,
                         help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
     parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
@@ -65,6 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--cpu", action="store_true", help="Evaluate on CPU even if a GPU is available.")
     args = parser.parse_args(argv)
     args.split = args.split or DEFAULT_SPLITS[args.protocol]
+    args.models = args.model + ([args.model2] if args.model2 else [])
     return args
 
 
@@ -106,9 +110,9 @@ def scoring_dtype(args):
 
 
 def format_table(metrics: dict) -> str:
-    lines = [f"{'':6}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+    lines = [f"{'':6}" + "".join(f"{f'R@{k}':>8}" for k in RECALL_KS)]
     for direction in ("i2t", "t2i"):
-        lines.append(f"{direction:6}" + "".join(f"{metrics[f'{direction}_r{k}']:8.1f}" for k in (1, 5, 10)))
+        lines.append(f"{direction:6}" + "".join(f"{metrics[f'{direction}_r{k}']:8.1f}" for k in RECALL_KS))
     lines.append(f"{'rsum':6}{metrics['rsum']:8.1f}")
     return "\n".join(lines)
 
@@ -129,16 +133,16 @@ def main(argv=None) -> int:
 
 
 def evaluate_and_report(args, accelerator) -> int:
-    matrices, num_images = score_folds(args.model, args, accelerator)
+    scored = [score_folds(path, args, accelerator) for path in args.models]
+    num_images = scored[0][1]
+    per_model = [matrices for matrices, _ in scored]
     members = {}
     if accelerator.is_main_process:
         recall_at_k = evaluate.load(METRIC_PATH)
-    if args.model2:  # MPSM*: the mean of both score matrices; each member's own metrics are reported too
-        matrices2, _ = score_folds(args.model2, args, accelerator)
-        if accelerator.is_main_process:
-            for path, member_matrices in ((args.model, matrices), (args.model2, matrices2)):
-                members[path] = mean_metrics([recall_at_k.compute(similarities=m.numpy()) for m in member_matrices])
-        matrices = [(first + second) / 2 for first, second in zip(matrices, matrices2)]
+    if len(args.models) > 1 and accelerator.is_main_process:  # MPSM*: each member's own metrics are reported too
+        for path, member_matrices in zip(args.models, per_model):
+            members[path] = mean_metrics([recall_at_k.compute(similarities=m.numpy()) for m in member_matrices])
+    matrices = [sum(fold) / len(fold) for fold in zip(*per_model)]  # MPSM*: the mean of the models' matrices
 
     if accelerator.is_main_process:
         metrics = mean_metrics([recall_at_k.compute(similarities=matrix.numpy()) for matrix in matrices])
@@ -147,7 +151,7 @@ def evaluate_and_report(args, accelerator) -> int:
             "protocol": args.protocol,
             "split": args.split,
             "dataset": args.dataset_id or dataset_name(args.data_dir),
-            "model": args.model if not args.model2 else [args.model, args.model2],
+            "model": args.models[0] if len(args.models) == 1 else args.models,
         }
         if members:
             results["members"] = members
@@ -156,7 +160,7 @@ def evaluate_and_report(args, accelerator) -> int:
               f"model {results['model']}")
         for path, member_metrics in members.items():
             print(f"member {path}:\n{format_table(member_metrics)}")
-        print(("MPSM* (mean of both):\n" if members else "") + format_table(metrics))
+        print((f"MPSM* (mean of the {len(args.models)} models):\n" if members else "") + format_table(metrics))
         if args.output_json:  # written whole or not at all
             atomic_write(args.output_json, lambda temporary: write_json(temporary, results))
     accelerator.wait_for_everyone()

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .metrics.recall_at_k.ranking import CAPTIONS_PER_IMAGE, RECALL_KS
 
 
-__all__ = ["CAPTIONS_PER_IMAGE", "HUB_CONFIGS_DIR", "METRIC_KEYS", "atomic_write", "atomic_write_text", "progress_bar"]
+__all__ = ["CAPTIONS_PER_IMAGE", "HUB_CONFIGS_DIR", "METRIC_KEYS", "RECALL_KS", "atomic_write", "atomic_write_text",
+           "progress_bar"]
 
 
 # The model-card and dataset-card templates, inside the package (the repository's top-level `hub_configs` points

@@ -719,9 +719,6 @@ def global_contrastive_loss(image_embeds, text_embeds, temperature, positive_mas
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-# The model ----------------------------------------------------------------------------------------------------------
-
-
 class MPSMRetrievalLoss(nn.Module):
     """
     The training loss of one model on a square batch (pair i = image i, caption i), from the per-perspective `logits`
@@ -761,6 +758,9 @@ class MPSMRetrievalLoss(nn.Module):
                 image.image_embeds, text.text_embeds, self.config.global_loss_temperature, positive_mask
             )
         return loss
+
+
+# The model ----------------------------------------------------------------------------------------------------------
 
 
 def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
@@ -1208,20 +1208,45 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
         MPSMPreTrainedModel._init_weights(next(iter(self.members().values())), module)
 
     @classmethod
-    def from_members(cls, *models: MPSMModel):
-        """Builds the ensemble from trained models, one per perspective in the order of `PERSPECTIVES` (dis, dir);
-        their weights are copied."""
+    def from_members(cls, *models: MPSMModel, **named_models: MPSMModel):
+        """
+        Builds the ensemble from trained models, one per perspective of `PERSPECTIVES`: by short name
+        (`from_members(dis=dis_model, dir=dir_model)`) or positionally in the table's order
+        (`from_members(dis_model, dir_model)`). Each model's `config.similarity` must be its member's perspective.
+        Their weights are copied.
+        """
+        arguments = cls._member_arguments(models, named_models)
+        perspectives = {name: perspective for perspective, name in PERSPECTIVES.items()}  # "dis" -> "distance"
+        for name, (argument, model) in arguments.items():
+            if not isinstance(model, MPSMModel):
+                raise ValueError(f"`{argument}` must be an MPSMModel, got {type(model).__name__}")
+            if model.config.similarity != perspectives[name]:
+                raise ValueError(f"`{argument}` is the {name} member and must have similarity="
+                                 f"{perspectives[name]!r}, got similarity={model.config.similarity!r}")
+        models = {name: model for name, (_, model) in arguments.items()}
+        ensemble = cls(MPSMEnsembleConfig(**{f"{name}_config": m.config.to_dict() for name, m in models.items()}))
+        for name, member in ensemble.members().items():
+            member.load_state_dict(models[name].state_dict())
+        return ensemble.to(next(iter(models.values())).device)
+
+    @staticmethod
+    def _member_arguments(models, named_models):
+        """`from_members`' models by short name, each with the name of its argument for errors: {"dis": ("dis",
+        model)} for `dis=model`, {"dis": ("dis_model", model)} for the first positional model."""
         names = list(PERSPECTIVES.values())
-        if len(models) != len(names):
-            raise ValueError(f"`from_members` takes {len(names)} models ({', '.join(n + '_model' for n in names)}), "
-                             f"got {len(models)}")
-        for name, member in zip(names, models):
-            if not isinstance(member, MPSMModel):
-                raise ValueError(f"`{name}_model` must be an MPSMModel, got {type(member).__name__}")
-        ensemble = cls(MPSMEnsembleConfig(**{f"{name}_config": m.config.to_dict() for name, m in zip(names, models)}))
-        for member, model in zip(ensemble.members().values(), models):
-            member.load_state_dict(model.state_dict())
-        return ensemble.to(models[0].device)
+        if models and named_models:
+            raise ValueError("`from_members` takes the models either positionally or by name, not both")
+        if not named_models:
+            if len(models) != len(names):
+                raise ValueError(f"`from_members` takes {len(names)} models ({', '.join(n + '_model' for n in names)}"
+                                 f", or by name: {', '.join(n + '=' for n in names)}), got {len(models)}")
+            return {name: (f"{name}_model", model) for name, model in zip(names, models)}
+        unknown = sorted(set(named_models) - set(names))
+        missing = [name for name in names if name not in named_models]
+        if unknown or missing:
+            raise ValueError(f"`from_members` takes one model per member by name ({', '.join(n + '=' for n in names)})"
+                             f"; unknown: {unknown}, missing: {missing}")
+        return {name: (name, named_models[name]) for name in names}
 
     def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
         """Per-image outputs of every member: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""

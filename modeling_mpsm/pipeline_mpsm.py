@@ -44,8 +44,10 @@ def custom_pipelines():
 
 
 def _member(cache):
-    """The output itself, or the `dis` member's output of an ensemble's `{"dis": ..., "dir": ...}`."""
-    return cache if isinstance(cache, ModelOutput) else cache["dis"]
+    """The output itself, or the first member's output of an ensemble's dict of them (`{"dis": ..., "dir": ...}`):
+    the member that explains. The package's `scoring.cache_members` does this kind of check; this file imports only
+    torch, transformers and the other Hub files, so it keeps its own."""
+    return cache if isinstance(cache, ModelOutput) else next(iter(cache.values()))
 
 
 def _select(cache, index):
@@ -235,7 +237,7 @@ class MPSMRetrievalPipeline(Pipeline):
         best = scores.float().topk(self._top_k(top_k, kind))
         outputs = {"gallery": kind, "scores": best.values, "indices": best.indices}
         if return_attention:
-            explainer = next(iter(self.model.members().values()))  # an ensemble explains with its first member (dis)
+            explainer = next(iter(self.model.members().values()))  # an ensemble explains with its first member
             found = _member(_select(cache, best.indices))
             if text_query:
                 images, texts = found, _member(query)

@@ -25,7 +25,6 @@ from .processing_mpsm import MPSMProcessor
 logger = logging.getLogger(__name__)
 
 
-
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 RECALL_KEYS = METRIC_KEYS[:-1]
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
@@ -190,7 +189,7 @@ def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | 
         template_path=str(template_path),
         repo_id=repo_id,
         num_parameters=f"{num_parameters:,}",
-        vocab_size=(config.dis_config if variant == "ensemble" else config).vocab_size,
+        vocab_size=next(iter(member_configs(config).values())).vocab_size,  # the same for every member
         results_table=results_table(metrics) if metrics else None,
         training_args=training_args,
     )

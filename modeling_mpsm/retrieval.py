@@ -15,10 +15,11 @@ import os
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.utils import ModelOutput
 
 from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
-from .scoring import _first_member, concatenate_outputs, encode_images, encode_texts, num_items, select_items
+from .scoring import (
+    _first_member, cache_members, concatenate_outputs, encode_images, encode_texts, num_items, select_items,
+)
 
 try:
     import faiss
@@ -44,10 +45,7 @@ def global_embeddings(cache):
     First-stage embeddings [N, d] of a cache: v̄ (or t̄); for an ensemble the members' embeddings concatenated and
     scaled by 1/sqrt(members), so that inner products are the mean of the members' v̄·t̄.
     """
-    if isinstance(cache, ModelOutput):
-        outputs = [cache]
-    else:
-        outputs = list(cache.values())
+    outputs = cache_members(cache).values()
     embeds = [o.image_embeds if isinstance(o, MPSMImageOutput) else o.text_embeds for o in outputs]
     return torch.cat(embeds, -1).float() / len(embeds) ** 0.5
 
@@ -238,7 +236,7 @@ class MPSMIndex:
         copy of the global embeddings, a few % of the cache's size at paper size).
         """
         os.makedirs(directory, exist_ok=True)
-        members = {None: self.cache} if isinstance(self.cache, ModelOutput) else self.cache
+        members = cache_members(self.cache)
         tensors = {}
         for member, output in members.items():
             for name, value in output.items():

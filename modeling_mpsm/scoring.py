@@ -23,10 +23,21 @@ from transformers.utils import ModelOutput
 from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
 
 
+def cache_members(cache):
+    """A cache (or per-item output) by member: an ensemble's dict of outputs (`{"dis": ..., "dir": ...}`) as it is,
+    one model's output as `{None: output}`. `_as_cache` is its inverse."""
+    return {None: cache} if isinstance(cache, ModelOutput) else cache
+
+
+def _as_cache(members):
+    """The cache of a `cache_members` dict: the output itself for `{None: output}`, else the ensemble's dict."""
+    return members[None] if None in members else members
+
+
 def is_cache(value):
     """Whether `value` is already a cache (an output, or an ensemble's dict of outputs) rather than input batches."""
-    return isinstance(value, (MPSMImageOutput, MPSMTextOutput)) or (
-        isinstance(value, dict) and all(isinstance(v, (MPSMImageOutput, MPSMTextOutput)) for v in value.values())
+    return isinstance(value, dict) and all(
+        isinstance(output, (MPSMImageOutput, MPSMTextOutput)) for output in cache_members(value).values()
     )
 
 
@@ -39,13 +50,11 @@ _DTYPE_CHOICES = {}  # (device type, model class, config) -> the faster scoring 
 
 def _map_outputs(function, cache):
     """Applies `function` to a cache, or to each member's cache of an ensemble (dict)."""
-    if not isinstance(cache, ModelOutput):
-        return {name: function(member) for name, member in cache.items()}
-    return function(cache)
+    return _as_cache({name: function(output) for name, output in cache_members(cache).items()})
 
 
 def _first_member(cache):
-    return cache if isinstance(cache, ModelOutput) else next(iter(cache.values()))
+    return next(iter(cache_members(cache).values()))
 
 
 def concatenate_outputs(outputs):
@@ -57,8 +66,12 @@ def concatenate_outputs(outputs):
     Returns:
         One output of the same kind holding every item.
     """
-    if not isinstance(outputs[0], ModelOutput):
-        return {name: concatenate_outputs([output[name] for output in outputs]) for name in outputs[0]}
+    by_member = [cache_members(output) for output in outputs]
+    return _as_cache({name: _concatenate([members[name] for members in by_member]) for name in by_member[0]})
+
+
+def _concatenate(outputs):
+    """`concatenate_outputs` of one model's outputs."""
     fields = {}
     for name in outputs[0].keys():
         values = [output[name] for output in outputs]

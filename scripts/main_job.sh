@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: synthetic scenes -> train MPSM dis and dir -> evaluate dis, dir and MPSM* (Flickr30K protocol: every
-# test image against every test caption, on a 500-image synthetic test split) -> build the ensemble checkpoint ->
-# text-to-image retrieval with a visual explanation -> a dry run of publishing to the Hub. Outputs in $OUT (runs/main).
+# The main job: synthetic scenes -> train one MPSM per similarity perspective (dis, dir) -> evaluate each and MPSM*
+# (Flickr30K protocol: every test image against every test caption, on a 500-image synthetic test split) -> build the
+# ensemble checkpoint -> text-to-image retrieval with a visual explanation -> a dry run of publishing to the Hub.
+# Outputs in $OUT (runs/main). The members are read from `PERSPECTIVES` (modeling_mpsm/configuration_mpsm.py): a new
+# perspective needs no edit here.
 #
 # CPU-sized by default (embed 128, sim 32, 500 updates per member; about 15-20 minutes on 2 cores). Scale with
 # STEPS / SIZE / NUM_TEST, e.g. STEPS=3000 SIZE="embed_size=1024 sim_dim=256" NUM_TEST=1000 bash scripts/main_job.sh
@@ -18,6 +20,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" TOKENIZERS_PARALLELISM=false
 # bars (datasets' "Generating split", transformers' "Loading weights") are switched off.
 [ -t 2 ] || export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 mkdir -p "$OUT"
+# "short:perspective" per member, e.g. "dis:distance dir:direction"
+MEMBERS=$("$PYTHON" -c 'from modeling_mpsm.configuration_mpsm import PERSPECTIVES as P
+print(" ".join(f"{short}:{perspective}" for perspective, short in P.items()))')
+MODELS=()
+for entry in $MEMBERS; do MODELS+=("$OUT/mpsm-${entry%%:*}"); done
 
 echo "== 1/6 synthetic scenes (SCAN format) -> $OUT/data"
 [ -f "$OUT/data/meta.json" ] || "$PYTHON" -m modeling_mpsm.data.synthetic --output_dir "$OUT/data" --feature_dim 1024 \
@@ -25,8 +32,8 @@ echo "== 1/6 synthetic scenes (SCAN format) -> $OUT/data"
 
 # The paper's loss: one epoch of sum of violations, then hardest negatives (train_mpsm.py's default warm-up).
 # The auxiliary global loss trains the first stage of the two-stage retrieval used in step 5.
-for member in dis dir; do
-  similarity=$([ "$member" = dis ] && echo distance || echo direction)
+for entry in $MEMBERS; do
+  member=${entry%%:*} similarity=${entry#*:}
   echo "== 2/6 train MPSM ($member) -> $OUT/mpsm-$member"
   "$PYTHON" examples/train_mpsm.py --data_dir "$OUT/data" --output_dir "$OUT/mpsm-$member" \
       --similarity "$similarity" --set $SIZE global_loss_weight=0.5 \
@@ -35,18 +42,21 @@ for member in dis dir; do
       --parser "$PARSER" --seed 0 --cpu
 done
 
-echo "== 3/6 evaluate dis, dir and MPSM* on test (f30k protocol)"
-"$PYTHON" examples/evaluate_mpsm.py --model "$OUT/mpsm-dis" --model2 "$OUT/mpsm-dir" --data_dir "$OUT/data" \
+echo "== 3/6 evaluate each member and MPSM* on test (f30k protocol)"
+"$PYTHON" examples/evaluate_mpsm.py --model "${MODELS[@]}" --data_dir "$OUT/data" \
     --split test --protocol f30k --dataset_id synthetic-scenes --output_json "$OUT/test_metrics.json" --cpu
 
 echo "== 4/6 MPSM* as one checkpoint -> $OUT/mpsm-ensemble"
 "$PYTHON" - "$OUT" <<'PY'
 import sys
 from modeling_mpsm import MPSMEnsembleModel, MPSMModel, MPSMProcessor
+from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 out = sys.argv[1]
-ensemble = MPSMEnsembleModel.from_members(MPSMModel.from_pretrained(f"{out}/mpsm-dis"), MPSMModel.from_pretrained(f"{out}/mpsm-dir"))
+folders = {name: f"{out}/mpsm-{name}" for name in PERSPECTIVES.values()}
+ensemble = MPSMEnsembleModel.from_members(**{name: MPSMModel.from_pretrained(path) for name, path in folders.items()})
 ensemble.save_pretrained(f"{out}/mpsm-ensemble")
-MPSMProcessor.from_pretrained(f"{out}/mpsm-dis").save_pretrained(f"{out}/mpsm-ensemble")
+# the members were trained on the same data, hence the same vocabulary: the first one's processor serves
+MPSMProcessor.from_pretrained(next(iter(folders.values()))).save_pretrained(f"{out}/mpsm-ensemble")
 print(f"saved {out}/mpsm-ensemble")
 PY
 
@@ -60,9 +70,9 @@ echo "== 6/6 publishing dry run (nothing is uploaded)"
 import json, sys
 out = sys.argv[1]
 results = json.load(open(f"{out}/test_metrics.json"))
-for name, member in zip(("dis", "dir"), results["members"].values()):
+for folder, member in results["members"].items():  # each member's metrics, by its folder
     json.dump({**member, "dataset": "synthetic-scenes", "split": "test", "protocol": "f30k"},
-              open(f"{out}/mpsm-{name}/test_metrics.json", "w"), indent=2)
+              open(f"{folder}/test_metrics.json", "w"), indent=2)
 json.dump({key: results[key] for key in results if key not in ("members", "model")} | {"dataset": "synthetic-scenes"},
           open(f"{out}/mpsm-ensemble/test_metrics.json", "w"), indent=2)
 PY

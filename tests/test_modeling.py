@@ -598,6 +598,37 @@ def test_ensemble_config_checks_members():
         MPSMEnsembleModel.from_members("not a model", MPSMModel(tiny_config()))
 
 
+def test_ensemble_from_members_by_name_equals_the_positional_call():
+    torch.manual_seed(0)
+    dis_model = MPSMModel(tiny_config(similarity="distance")).eval()
+    dir_model = MPSMModel(tiny_config(similarity="direction")).eval()
+    by_name = MPSMEnsembleModel.from_members(dir=dir_model, dis=dis_model).eval()  # any keyword order
+    positional = MPSMEnsembleModel.from_members(dis_model, dir_model).eval()
+    assert by_name.config.dis_config.similarity == "distance" and by_name.config.dir_config.similarity == "direction"
+    assert by_name.state_dict().keys() == positional.state_dict().keys()
+    assert all(torch.equal(value, positional.state_dict()[name]) for name, value in by_name.state_dict().items())
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(by_name(**batch).logits_per_image, positional(**batch).logits_per_image)
+
+
+def test_ensemble_from_members_refuses_a_model_of_another_perspective():
+    dis_model = MPSMModel(tiny_config(similarity="distance"))
+    dir_model = MPSMModel(tiny_config(similarity="direction"))
+    with pytest.raises(ValueError, match="`dir` is the dir member and must have similarity='direction', got "
+                                         "similarity='distance'"):
+        MPSMEnsembleModel.from_members(dis=dis_model, dir=dis_model)
+    with pytest.raises(ValueError, match="`dis_model` is the dis member and must have similarity='distance', got "
+                                         "similarity='direction'"):
+        MPSMEnsembleModel.from_members(dir_model, dis_model)  # swapped positional models
+    with pytest.raises(ValueError, match="`dir` is the dir member .* got similarity='joint'"):
+        MPSMEnsembleModel.from_members(dis=dis_model, dir=MPSMModel(tiny_config(similarity="joint")))
+    with pytest.raises(ValueError, match=r"unknown: \['dis_model'\], missing: \['dis'\]"):
+        MPSMEnsembleModel.from_members(dis_model=dis_model, dir=dir_model)
+    with pytest.raises(ValueError, match="not both"):
+        MPSMEnsembleModel.from_members(dis_model, dir=dir_model)
+
+
 def test_save_and_load_keeps_weights_and_scores(tmp_path):
     model = eval_model(similarity="joint", streams="both")
     model.save_pretrained(tmp_path)
