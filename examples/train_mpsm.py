@@ -92,82 +92,118 @@ def check_numbers(parser, args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train MPSM for image-text retrieval.")
-    parser.add_argument("--data_dir", required=True, help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder "
-                                                          "(Parquet) or Hub dataset id, with train and dev splits.")
-    parser.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
-    parser.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
-    parser.add_argument("--member", choices=list(PERSPECTIVES.values()), help="Member to train from an ensemble's --config.")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
-                             "repeatable, a later value of the same KEY wins.")
-    parser.add_argument("--similarity", choices=[*PERSPECTIVES, "joint"],
-                        help="Similarity perspective (MPSMConfig.similarity); `joint` trains every perspective's head.")
-    parser.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
-    parser.add_argument("--vocab_min_count", type=int, default=4, help="Minimum count of a word built into the vocab.")
-    parser.add_argument("--parser", default="spacy:en_core_web_sm",
-                        help="Dependency parser: 'spacy:<pipeline>' or 'fallback' (neighbouring words).")
-    parser.add_argument("--num_epochs", type=int, default=30)
-    parser.add_argument("--max_train_steps", type=int, help="Total updates; overrides --num_epochs.")
-    parser.add_argument("--batch_size", type=int, default=128, help="Captions (with their images) per process.")
-    parser.add_argument("--learning_rate", type=float, default=2e-4)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--lr_decay_epochs", type=int, nargs="*", default=[15],
-                        help="Epochs at whose start the learning rate is multiplied by --lr_decay_factor.")
-    parser.add_argument("--lr_decay_factor", type=float, default=0.1)
-    parser.add_argument("--grad_clip", type=float, default=2.0, help="Max gradient norm.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="Default: the accelerate config's.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup_steps", type=int,
-                        help="Updates trained with the sum-of-violations loss before hardest negatives.")
-    parser.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
-                        help="Warm-up length in epochs when --warmup_steps is not given.")
-    parser.add_argument("--checkpointing_steps", default=None,
-                        help="Save the training state every N updates, or 'epoch'; always at the end.")
-    parser.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
-    parser.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
-    parser.add_argument("--eval_steps", type=int, help="Also validate every N updates (always after each epoch).")
-    parser.add_argument("--eval_batch_size", type=int, default=128)
-    parser.add_argument("--max_eval_images", type=int,
-                        help="Validate on the first N dev images (and their captions) only; default: all of dev.")
-    parser.add_argument("--logging_steps", type=int, default=10)
-    parser.add_argument("--max_nonfinite_steps", type=int, default=10,
-                        help="Stop after this many consecutive batches with a non-finite loss or gradient.")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    parser.add_argument("--with_tracking", action="store_true", help="Log to experiment trackers.")
-    parser.add_argument("--report_to", default="all", help="Trackers: tensorboard, wandb, ... or all.")
-    parser.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is available.")
-    parser.add_argument("--push_to_hub", action="store_true",
-                        help="At the end, publish the best model with its processor and a card (needs --hub_model_id).")
-    parser.add_argument("--hub_model_id", help="Hub repository ORG/NAME for --push_to_hub.")
-    parser.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repository private.")
-    parser.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
-                                                 "default: the --data_dir Hub id, or its folder's name.")
-    # Testing aids, not shown in --help.
-
+    _add_input_and_model_arguments(parser)
+    _add_optimization_arguments(parser)
+    _add_checkpoint_and_validation_arguments(parser)
+    _add_runtime_arguments(parser)
+    _add_hub_arguments(parser)
     args = parser.parse_args(argv)
     model_fields = {}
     if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as file:
-                config = json.load(file)
-        except (OSError, json.JSONDecodeError) as error:
-            parser.error(f"--config {args.config}: cannot read a JSON configuration ({error}).")
-        if "members" in config:
-            if args.member is None:
-                parser.error(f"{args.config} describes an ensemble: choose the member to train with --member "
-                             f"{'|'.join(PERSPECTIVES.values())}.")
-            config = config["members"][args.member]
-        training = config.get("training", {})
-        unknown = sorted(set(training) - set(vars(args)))
-        if unknown:
-            parser.error(f"{args.config}: unknown training settings {unknown}.")
-        if isinstance(training.get("lr_decay_epochs"), int):
-            training["lr_decay_epochs"] = [training["lr_decay_epochs"]]
-        parser.set_defaults(**training)  # the command line still wins
-        args = parser.parse_args(argv)
-        model_fields = dict(config.get("model", {}))
+        args, model_fields = _read_config(parser, args, argv)
+    args.model_fields = _model_fields(parser, args, model_fields)
+    _check_settings(parser, args)
+    return args
+
+
+def _add_input_and_model_arguments(parser):
+    group = parser.add_argument_group("data, output and model")
+    group.add_argument("--data_dir", required=True, help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder "
+                                                         "(Parquet) or Hub dataset id, with train and dev splits.")
+    group.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
+    group.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
+    group.add_argument("--member", choices=list(PERSPECTIVES.values()),
+                       help="Member to train from an ensemble's --config.")
+    group.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
+                            "repeatable, a later value of the same KEY wins.")
+    group.add_argument("--similarity", choices=[*PERSPECTIVES, "joint"],
+                       help="Similarity perspective (MPSMConfig.similarity); `joint` trains every perspective's head.")
+    group.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
+    group.add_argument("--vocab_min_count", type=int, default=4, help="Minimum count of a word built into the vocab.")
+    group.add_argument("--parser", default="spacy:en_core_web_sm",
+                       help="Dependency parser: 'spacy:<pipeline>' or 'fallback' (neighbouring words).")
+
+
+def _add_optimization_arguments(parser):
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--num_epochs", type=int, default=30)
+    group.add_argument("--max_train_steps", type=int, help="Total updates; overrides --num_epochs.")
+    group.add_argument("--batch_size", type=int, default=128, help="Captions (with their images) per process.")
+    group.add_argument("--learning_rate", type=float, default=2e-4)
+    group.add_argument("--weight_decay", type=float, default=0.0)
+    group.add_argument("--lr_decay_epochs", type=int, nargs="*", default=[15],
+                       help="Epochs at whose start the learning rate is multiplied by --lr_decay_factor.")
+    group.add_argument("--lr_decay_factor", type=float, default=0.1)
+    group.add_argument("--grad_clip", type=float, default=2.0, help="Max gradient norm.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: the accelerate config's.")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--warmup_steps", type=int,
+                       help="Updates trained with the sum-of-violations loss before hardest negatives.")
+    group.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
+                       help="Warm-up length in epochs when --warmup_steps is not given.")
+
+
+def _add_checkpoint_and_validation_arguments(parser):
+    group = parser.add_argument_group("checkpoints, validation and logging")
+    group.add_argument("--checkpointing_steps", default=None,
+                       help="Save the training state every N updates, or 'epoch'; always at the end.")
+    group.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    group.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
+    group.add_argument("--eval_steps", type=int, help="Also validate every N updates (always after each epoch).")
+    group.add_argument("--eval_batch_size", type=int, default=128)
+    group.add_argument("--max_eval_images", type=int,
+                       help="Validate on the first N dev images (and their captions) only; default: all of dev.")
+    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="Stop after this many consecutive batches with a non-finite loss or gradient.")
+
+
+def _add_runtime_arguments(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    group.add_argument("--with_tracking", action="store_true", help="Log to experiment trackers.")
+    group.add_argument("--report_to", default="all", help="Trackers: tensorboard, wandb, ... or all.")
+    group.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is available.")
+
+
+def _add_hub_arguments(parser):
+    group = parser.add_argument_group("the Hub")
+    group.add_argument("--push_to_hub", action="store_true",
+                       help="At the end, publish the best model with its processor and a card (needs --hub_model_id).")
+    group.add_argument("--hub_model_id", help="Hub repository ORG/NAME for --push_to_hub.")
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repository private.")
+    group.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
+                                            "default: the --data_dir Hub id, or its folder's name.")
+
+
+def _read_config(parser, args, argv):
+    """--config (and --member for an ensemble's): its training settings become the parser's defaults (the command
+    line still wins) and the arguments are parsed again. Returns the arguments and the configuration's model fields."""
+    try:
+        with open(args.config, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        parser.error(f"--config {args.config}: cannot read a JSON configuration ({error}).")
+    if "members" in config:
+        if args.member is None:
+            parser.error(f"{args.config} describes an ensemble: choose the member to train with --member "
+                         f"{'|'.join(PERSPECTIVES.values())}.")
+        config = config["members"][args.member]
+    training = config.get("training", {})
+    unknown = sorted(set(training) - set(vars(args)))
+    if unknown:
+        parser.error(f"{args.config}: unknown training settings {unknown}.")
+    if isinstance(training.get("lr_decay_epochs"), int):
+        training["lr_decay_epochs"] = [training["lr_decay_epochs"]]
+    parser.set_defaults(**training)  # the command line still wins
+    return parser.parse_args(argv), dict(config.get("model", {}))
+
+
+def _model_fields(parser, args, model_fields):
+    """The MPSMConfig fields of the run: the configuration's, then --similarity, then --set."""
     if args.similarity:
         model_fields["similarity"] = args.similarity
     for item in args.set:
@@ -178,7 +214,12 @@ def parse_args(argv=None):
             model_fields[key] = json.loads(value)
         except json.JSONDecodeError:
             model_fields[key] = value
-    args.model_fields = model_fields
+    return model_fields
+
+
+def _check_settings(parser, args):
+    """`parser.error` for a bad --checkpointing_steps, numeric flag or --hub_model_id; --checkpointing_steps N
+    becomes an int."""
     if args.checkpointing_steps not in (None, "epoch"):
         if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) < 1:
             parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
@@ -187,7 +228,6 @@ def parse_args(argv=None):
     hub_id_parts = (args.hub_model_id or "").split("/")
     if args.push_to_hub and not (len(hub_id_parts) == 2 and all(hub_id_parts)):
         parser.error(f"--push_to_hub needs --hub_model_id ORG/NAME, got {args.hub_model_id!r}.")
-    return args
 
 
 def build_processor(args, train, dev, img_dim, num_regions):

@@ -417,12 +417,13 @@ def train_loop(
     """
     Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
 
-    Each batch: set the loss mode (`set_loss_mode`: sum of violations during the warm-up, then hardest negatives),
-    forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at an update, if the
-    gradient norm is not finite; backward, clip, step), step the schedule. Every `eval_steps` updates and at the end of
-    each epoch: `validate()` (metrics with `rsum`, the same on every process) and, on a new best rsum,
-    `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates (or each epoch) and at the end. Raises
-    `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row, leaving the last checkpoint as it was.
+    Each batch (`_Loop.train_batch`): set the loss mode (`set_loss_mode`: sum of violations during the warm-up, then
+    hardest negatives), forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at
+    an update, if the gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
+    the schedule; every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same
+    on every process) and, on a new best rsum, `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates
+    (or each epoch) and at the end. Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row,
+    leaving the last checkpoint as it was.
 
     Args:
         model, optimizer, dataloader: prepared by `accelerator` (the dataloader's sampler an `EpochSampler`, its
@@ -431,82 +432,108 @@ def train_loop(
         validate: returns the validation metrics of the current model (called on every process).
         save_best: saves the current model as the best (called on every process).
     """
-    unwrapped = accelerator.unwrap_model(model)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.gradient_accumulation_steps)
     max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    progress = progress_bar(total=max_steps, initial=state.global_step, desc="training",
-                            disable=not accelerator.is_local_main_process)
-    window = []  # finite losses since the last log record
-    warned_collapse = False
-    last_validation = last_checkpoint = None
-
-    def run_validation():
-        nonlocal last_validation
-        sync_buffers(accelerator, model)
-        metrics = validate()
-        last_validation = state.global_step
-        improved = metrics["rsum"] > state.best_rsum
-        if improved:
-            state.best_rsum, state.best_step = metrics["rsum"], state.global_step
-        log.write({"step": state.global_step, "epoch": state.epoch, **metrics, "best_rsum": state.best_rsum})
-        log.plot()
-        accelerator.log({f"dev/{key}": value for key, value in metrics.items()}, step=state.global_step)
-        if improved:
-            save_best({"step": state.global_step, **metrics})
-
-    def checkpoint():
-        nonlocal last_checkpoint
-        sync_buffers(accelerator, model)
-        save_checkpoint(accelerator, settings.output_dir, state.global_step, settings.checkpoints_total_limit)
-        last_checkpoint = state.global_step
-
+    loop = _Loop(accelerator, model, optimizer, scheduler, state, settings, validate, save_best, log, max_steps)
     model.train()
     while state.global_step < max_steps and state.epoch < num_epochs:
         dataloader.set_epoch(state.epoch)
         skipped = state.batches_in_epoch
         batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
         for batch in batches:
-            state.batches_in_epoch += 1
-            max_violation = set_loss_mode(unwrapped, state.global_step, settings.warmup_steps)
-            with accelerator.accumulate(model):
-                outputs = model(**batch, return_loss=True)
-                counted = _apply_update(accelerator, model, optimizer, outputs.loss, state, settings.grad_clip)
-            if counted:
-                state.nonfinite_in_row = 0
-                window.append(outputs.loss.item())
-            else:
-                _count_skipped(state, settings)
+            outputs, max_violation = loop.train_batch(batch)
             if not accelerator.sync_gradients:
                 continue
-
-            state.global_step += 1
-            scheduler.step()
-            progress.update(1)
-            if state.global_step % settings.logging_steps == 0 or state.global_step == max_steps:
-                record = _log_record(accelerator, state, window, scheduler.get_last_lr()[0], max_violation,
-                                     outputs.loss.device)
-                _write_training_record(accelerator, log, progress, record)
-                window = []
-                if not warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
-                    warned_collapse = True
-                    _warn_collapse(state.global_step)
-            if settings.eval_steps and state.global_step % settings.eval_steps == 0:
-                run_validation()
-            if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
-                checkpoint()
+            loop.finish_update(outputs, max_violation)
             if state.global_step >= max_steps:
                 break
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if last_validation != state.global_step:
-                run_validation()
+            if loop.last_validation != state.global_step:
+                loop.run_validation()
             if settings.checkpointing_steps == "epoch":
-                checkpoint()
+                loop.checkpoint()
 
-    if last_validation != state.global_step:
-        run_validation()
-    if last_checkpoint != state.global_step:
-        checkpoint()
-    progress.close()
+    if loop.last_validation != state.global_step:
+        loop.run_validation()
+    if loop.last_checkpoint != state.global_step:
+        loop.checkpoint()
+    loop.progress.close()
     return state
+
+
+class _Loop:
+    """What `train_loop` works with and keeps between batches: the prepared objects, the progress bar, the finite
+    losses since the last log record, and the steps of the last validation and checkpoint."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, state: TrainingState, settings: LoopSettings,
+                 validate: Callable[[], dict], save_best: Callable[[dict], None], log: TrainingLog, max_steps: int):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.unwrapped = accelerator.unwrap_model(model)
+        self.state, self.settings, self.validate, self.save_best, self.log = state, settings, validate, save_best, log
+        self.max_steps = max_steps
+        self.progress = progress_bar(total=max_steps, initial=state.global_step, desc="training",
+                                     disable=not accelerator.is_local_main_process)
+        self.window = []  # finite losses since the last log record
+        self.warned_collapse = False
+        self.last_validation = self.last_checkpoint = None
+
+    def train_batch(self, batch):
+        """One batch: the loss mode of the current update (`set_loss_mode`), forward and `_apply_update`; a finite
+        loss joins the window of the next log record, a skipped batch is counted. Returns (outputs, loss mode)."""
+        state, settings = self.state, self.settings
+        state.batches_in_epoch += 1
+        max_violation = set_loss_mode(self.unwrapped, state.global_step, settings.warmup_steps)
+        with self.accelerator.accumulate(self.model):
+            outputs = self.model(**batch, return_loss=True)
+            counted = _apply_update(self.accelerator, self.model, self.optimizer, outputs.loss, state,
+                                    settings.grad_clip)
+        if counted:
+            state.nonfinite_in_row = 0
+            self.window.append(outputs.loss.item())
+        else:
+            _count_skipped(state, settings)
+        return outputs, max_violation
+
+    def finish_update(self, outputs, max_violation: bool):
+        """After an optimizer update: count it, step the schedule, then the log record, validation and checkpoint
+        that fall on this step."""
+        state, settings = self.state, self.settings
+        state.global_step += 1
+        self.scheduler.step()
+        self.progress.update(1)
+        if state.global_step % settings.logging_steps == 0 or state.global_step == self.max_steps:
+            record = _log_record(self.accelerator, state, self.window, self.scheduler.get_last_lr()[0], max_violation,
+                                 outputs.loss.device)
+            _write_training_record(self.accelerator, self.log, self.progress, record)
+            self.window = []
+            if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
+                self.warned_collapse = True
+                _warn_collapse(state.global_step)
+        if settings.eval_steps and state.global_step % settings.eval_steps == 0:
+            self.run_validation()
+        if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
+            self.checkpoint()
+
+    def run_validation(self):
+        """`validate()` with the buffers synced; logs the metrics and, on a new best rsum, `save_best`."""
+        state = self.state
+        sync_buffers(self.accelerator, self.model)
+        metrics = self.validate()
+        self.last_validation = state.global_step
+        improved = metrics["rsum"] > state.best_rsum
+        if improved:
+            state.best_rsum, state.best_step = metrics["rsum"], state.global_step
+        self.log.write({"step": state.global_step, "epoch": state.epoch, **metrics, "best_rsum": state.best_rsum})
+        self.log.plot()
+        self.accelerator.log({f"dev/{key}": value for key, value in metrics.items()}, step=state.global_step)
+        if improved:
+            self.save_best({"step": state.global_step, **metrics})
+
+    def checkpoint(self):
+        """`save_checkpoint` of the current step, with the buffers synced."""
+        sync_buffers(self.accelerator, self.model)
+        save_checkpoint(self.accelerator, self.settings.output_dir, self.state.global_step,
+                        self.settings.checkpoints_total_limit)
+        self.last_checkpoint = self.state.global_step
