@@ -48,6 +48,12 @@ CHILD = textwrap.dedent(
         with torch.no_grad():
             scores = model(**inputs).logits_per_image
         torch.testing.assert_close(scores, case["scores"], rtol=0, atol=1e-6)
+        try:  # push_to_hub's import of the package's publishing is guarded: without the package, a clear error
+            model.push_to_hub("org/not-uploaded", metrics={"rsum": 0.0})
+        except ImportError as error:
+            assert "needs the modeling_mpsm package" in str(error), error
+        else:
+            raise AssertionError("push_to_hub(metrics=) without the package did not refuse")
         print("loaded", case["source"], type(model).__name__)
     """
 )
