@@ -27,7 +27,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+sys.path.insert(0, REPO)
+from modeling_mpsm.common import METRIC_KEYS  # noqa: E402
+
+# Which change between twin scenes a model reads (`twin_accuracy` of evaluate_mpsm.py): % of captions that score their
+# own image above its twin, per kind of change; ~50 when blind to it, ~80 when reading it (2 of 5 captions do not
+# mention the change).
+TWIN_METRICS = {"relation twins": ("relation",), "count twins": ("count",),
+                "attribute twins": ("color", "size", "material")}
+METRICS = METRIC_KEYS + tuple(TWIN_METRICS)
 
 # name -> (table, --similarity, --set overrides[, --parser]); "MPSM (dis)" is the reference every table compares against.
 # The order is the order of the runs: the rows the claims need first, so that an interrupted study still reads them.
@@ -106,6 +114,9 @@ def parse_args():
                         help="SGRAF's sum-of-violations updates before hardest negatives (default: one epoch, as MPSM's).")
     parser.add_argument("--sgraf_learning_rate", type=float,
                         help="SGRAF's learning rate (default: the one every MPSM variant uses, --learning_rate).")
+    parser.add_argument("--twin_batches", action="store_true",
+                        help="Batch every caption with a caption of its image's twin (train_mpsm.py --partners "
+                             "train_scenes.json), so that the twin is an in-batch negative (MPSM rows only).")
     parser.add_argument("--quick", action="store_true", help="One seed and 100 steps.")
     parser.add_argument("--summarise_only", action="store_true",
                         help="Build the table from the finished runs only (an interrupted study), training nothing.")
@@ -147,15 +158,19 @@ def train_and_evaluate(args, data_dir, name, seed):
     result_path = os.path.join(folder, "test_metrics.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as file:
-            return json.load(file)
+            metrics = json.load(file)
+        if "twin_accuracy" in metrics or not has_twins(data_dir):
+            return metrics
+        evaluate(data_dir, [folder], result_path, parser)  # a run from before the twin columns: re-evaluated
+        return {**metrics, **read_json(result_path)}
     os.makedirs(folder, exist_ok=True)
     settings = args.model_size + [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     started = time.time()
     run([sys.executable, "examples/train_mpsm.py", "--data_dir", data_dir, "--output_dir", folder,
          "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
          "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate), "--seed", str(seed),
-         "--parser", parser, "--max_eval_images", "100",
-         "--cpu"],
+         "--parser", parser, "--max_eval_images", "100", "--cpu"]
+        + (["--partners", os.path.join(data_dir, "train_scenes.json")] if args.twin_batches else []),
         os.path.join(folder, "train.log"))
     train_seconds = time.time() - started
     evaluate(data_dir, [folder], result_path, parser)
@@ -165,6 +180,22 @@ def train_and_evaluate(args, data_dir, name, seed):
     with open(result_path, "w", encoding="utf-8") as file:
         json.dump(metrics, file, indent=2)
     return metrics
+
+
+def has_twins(data_dir):
+    return os.path.exists(os.path.join(data_dir, "test_scenes.json"))
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def twin_columns(metrics):
+    """The TWIN_METRICS of one run's evaluation (missing for runs without twin scenes, e.g. SGRAF's own code)."""
+    accuracy = metrics.get("twin_accuracy", {})
+    return {name: statistics.fmean(accuracy[kind] for kind in kinds)
+            for name, kinds in TWIN_METRICS.items() if all(kind in accuracy for kind in kinds)}
 
 
 def evaluate(data_dir, models, result_path, parser):
@@ -211,12 +242,11 @@ def run_dir(args, name, seed):
 def ensemble_metrics(args, data_dir, seed):
     folder = run_dir(args, ENSEMBLE, seed)
     result_path = os.path.join(folder, "test_metrics.json")
-    if not os.path.exists(result_path):
+    if not os.path.exists(result_path) or (has_twins(data_dir) and "twin_accuracy" not in read_json(result_path)):
         os.makedirs(folder, exist_ok=True)
         members = [run_dir(args, name, seed) for name in ("MPSM (dis)", "MPSM (dir)")]
         evaluate(data_dir, members, result_path, args.parser)
-    with open(result_path, encoding="utf-8") as file:
-        return json.load(file)
+    return read_json(result_path)
 
 
 def slug(name):
@@ -228,8 +258,11 @@ def summarise(results):
     summary = {}
     for name, runs in results.items():
         summary[name] = {}
+        runs = [{**run, **twin_columns(run)} for run in runs]
         for metric in METRICS:
-            values = [run[metric] for run in runs]
+            values = [run[metric] for run in runs if metric in run]
+            if not values:
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[name][metric] = (statistics.fmean(values), spread)
         summary[name]["seeds"] = len(runs)
@@ -248,7 +281,7 @@ def markdown_table(summary, seeds, steps):
         for name, metrics in summary.items():
             if table_of(name) != table:
                 continue
-            cells = [f"{mean:.1f} ± {spread:.1f}" for mean, spread in (metrics[m] for m in METRICS)]
+            cells = [f"{metrics[m][0]:.1f} ± {metrics[m][1]:.1f}" if m in metrics else "–" for m in METRICS]
             lines.append(f"| {table} | {name} | {metrics['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from transformers import AutoModel
 import modeling_mpsm
 from modeling_mpsm import MPSMProcessor
 from modeling_mpsm.data import dataset_name, load_split
+from modeling_mpsm.data.synthetic import twin_accuracy
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
@@ -155,12 +156,19 @@ def evaluate_and_report(args, accelerator) -> int:
         }
         if members:
             results["members"] = members
+        scenes_path = os.path.join(args.data_dir, f"{args.split}_scenes.json")
+        if len(matrices) == 1 and os.path.isfile(scenes_path):  # the package's synthetic scenes: which changes it reads
+            with open(scenes_path, encoding="utf-8") as file:
+                results["twin_accuracy"] = twin_accuracy(matrices[0].numpy(), json.load(file))
         folds = PROTOCOL_FOLDS[args.protocol]
         print(f"{args.protocol}: {results['dataset']}/{args.split}, {num_images} images in {folds} fold(s), "
               f"model {results['model']}")
         for path, member_metrics in members.items():
             print(f"member {path}:\n{format_table(member_metrics)}")
         print((f"MPSM* (mean of the {len(args.models)} models):\n" if members else "") + format_table(metrics))
+        if "twin_accuracy" in results:
+            print("captions scoring their image above its twin, % (blind to the change ~50, reading it ~80): "
+                  + ", ".join(f"{kind} {value:.1f}" for kind, value in results["twin_accuracy"].items()))
         if args.output_json:  # written whole or not at all
             atomic_write(args.output_json, lambda temporary: write_json(temporary, results))
     accelerator.wait_for_everyone()

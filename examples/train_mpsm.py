@@ -31,6 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
+from modeling_mpsm.common import CAPTIONS_PER_IMAGE
 from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
@@ -39,6 +40,7 @@ from modeling_mpsm.publishing import publish
 from modeling_mpsm.training import (
     BEST_RESULTS_FILE,
     EpochSampler,
+    PartnerSampler,
     LoopSettings,
     NonFiniteLossError,
     TrainingLog,
@@ -144,6 +146,10 @@ def _add_optimization_arguments(parser):
                        help="Updates trained with the sum-of-violations loss before hardest negatives.")
     group.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
                        help="Warm-up length in epochs when --warmup_steps is not given.")
+    group.add_argument("--partners", metavar="JSON",
+                       help="Batch every caption next to a caption of its image's partner (a near-duplicate image), so "
+                            "that the partner is an in-batch negative: a JSON list with the partner index of each "
+                            "training image (-1: none), or the synthetic scenes' train_scenes.json (their twins).")
 
 
 def _add_checkpoint_and_validation_arguments(parser):
@@ -225,6 +231,8 @@ def _check_settings(parser, args):
             parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
         args.checkpointing_steps = int(args.checkpointing_steps)
     check_numbers(parser, args)
+    if args.partners and args.batch_size % 2:
+        parser.error(f"--partners needs an even --batch_size (captions come in partner pairs), got {args.batch_size}.")
     hub_id_parts = (args.hub_model_id or "").split("/")
     if args.push_to_hub and not (len(hub_id_parts) == 2 and all(hub_id_parts)):
         parser.error(f"--push_to_hub needs --hub_model_id ORG/NAME, got {args.hub_model_id!r}.")
@@ -255,12 +263,27 @@ def build_model(args, img_dim, vocab_size):
     return model
 
 
+def read_partners(path, num_images):
+    """--partners: a list of partner indices, or the synthetic scenes' records (their `twin`), one per image."""
+    with open(path, encoding="utf-8") as file:
+        partners = json.load(file)
+    partners = [record["twin"] if isinstance(record, dict) else record for record in partners]
+    if len(partners) != num_images or not all(isinstance(partner, int) for partner in partners):
+        raise ValueError(f"--partners {path} must list one partner index per training image ({num_images}), "
+                         f"got {len(partners)} entries")
+    return partners
+
+
 def build_dataloader(args, train, processor):
     dataset = CaptionPairDataset(train)
+    if args.partners:
+        sampler = PartnerSampler(read_partners(args.partners, len(train)), CAPTIONS_PER_IMAGE, args.seed)
+    else:
+        sampler = EpochSampler(len(dataset), args.seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
-        sampler=EpochSampler(len(dataset), args.seed),
+        sampler=sampler,
         collate_fn=MPSMCollator(processor),
         num_workers=args.num_workers,
         drop_last=True,  # hardest negatives need full batches

@@ -45,7 +45,9 @@ def is_cache(value):
 PADDED_FIELDS = {"region_embeds", "region_mask", "word_embeds", "attention_mask", "word_weights"}
 DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # measured best of 4-256 MiB at paper size on a 2-core CPU (cache locality)
 logger = logging.getLogger(__name__)
-_DTYPE_CHOICES = {}  # (device type, model class, config) -> the faster scoring dtype measured in this process
+_DTYPE_PROBES = {}  # (device type, model class, config) -> (seconds per pair per dtype, one re-scoring call), measured
+_DTYPE_CHOICES = {}  # the same key -> the dtype last chosen (logged when it changes)
+PROBE_REFINE_K = 20  # candidates of the re-scoring call timed by the probe
 
 
 def _map_outputs(function, cache):
@@ -214,40 +216,63 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
 
 
 @torch.no_grad()
-def choose_scoring_dtype(model, images, texts, probe_images=8, probe_texts=256, repeats=2):
+def choose_scoring_dtype(model, images, texts, refine_k=0, probe_images=16, probe_texts=256, repeats=3):
     """
-    The faster of float32 and bfloat16 for the per-pair part on this machine, measured once per process (and per
-    device type and model configuration): the best of `repeats` timings of one block of up to `probe_images` x
-    `probe_texts` pairs of the given caches, after one untimed call each. Whether bf16 pays depends on the CPU (seen:
-    0.6x on one, 5x on another); the choice is logged.
+    The faster of float32 and bfloat16 for scoring these caches on this machine. Whether bf16 pays depends on the
+    CPU (seen: 0.6x on one, 5x on another), so it is measured, once per process (and per device type and model
+    configuration): a block of up to `probe_images` x `probe_texts` pairs in each dtype, `repeats` times interleaved
+    (a drift of the machine's speed hits both alike), the best of each; and one float32 re-scoring call of a query's
+    `PROBE_REFINE_K` candidates. The choice compares the projected totals for this gallery: float32 scores every
+    pair; bfloat16 scores every pair, then re-scores the top `refine_k` of every image and caption in float32
+    (`refine_top_k`), so small galleries stay in float32 even where bf16 pairs are faster. The choice is logged.
 
     Returns:
         `torch.float32` or `torch.bfloat16`.
     """
     config = model.config.to_json_string(use_diff=False)
     key = (_first_member(texts).attention_mask.device.type, type(model).__name__, config)
-    if key not in _DTYPE_CHOICES:
-        probe_images = select_items(images, slice(0, min(probe_images, num_items(images))))
-        probe_texts = select_items(texts, slice(0, min(probe_texts, num_items(texts))))
-        seconds = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            scorer = model if dtype == torch.float32 else _copy_in_dtype(model, dtype)
-            block_images, block_texts = _cast_cache(probe_images, dtype), _cast_cache(probe_texts, dtype)
-            with torch.no_grad():
-                scorer.similarity(block_images, block_texts)  # untimed: allocations, kernels
-                timings = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    scorer.similarity(block_images, block_texts)
-                    timings.append(time.perf_counter() - started)
-            seconds[dtype] = min(timings)
-        choice = min(seconds, key=seconds.get)
+    if key not in _DTYPE_PROBES:
+        _DTYPE_PROBES[key] = _probe_scoring_speed(model, images, texts, probe_images, probe_texts, repeats)
+    per_pair, refine_call = _DTYPE_PROBES[key]
+    num_images, num_texts = num_items(images), num_items(texts)
+    projected = {dtype: num_images * num_texts * seconds for dtype, seconds in per_pair.items()}
+    if refine_k:
+        projected[torch.bfloat16] += (num_images + num_texts) * refine_call * refine_k / PROBE_REFINE_K
+    choice = min(projected, key=projected.get)
+    if _DTYPE_CHOICES.get(key) != choice:
         _DTYPE_CHOICES[key] = choice
         logger.warning(
-            "scoring dtype auto: float32 %.1f ms, bfloat16 %.1f ms per probe block -> %s",
-            1e3 * seconds[torch.float32], 1e3 * seconds[torch.bfloat16], str(choice).replace("torch.", ""),
+            "scoring dtype auto: float32 %.2f us, bfloat16 %.2f us per pair (+%.1f ms per query re-scored in float32) "
+            "-> %s for %d x %d pairs", 1e6 * per_pair[torch.float32], 1e6 * per_pair[torch.bfloat16],
+            1e3 * refine_call * (refine_k or PROBE_REFINE_K) / PROBE_REFINE_K, str(choice).replace("torch.", ""),
+            num_images, num_texts,
         )
-    return _DTYPE_CHOICES[key]
+    return choice
+
+
+def _probe_scoring_speed(model, images, texts, probe_images, probe_texts, repeats):
+    """Seconds per pair of each dtype on a probe block, and of one float32 re-scoring call (see
+    `choose_scoring_dtype`)."""
+    block_images = select_items(images, slice(0, min(probe_images, num_items(images))))
+    block_texts = select_items(texts, slice(0, min(probe_texts, num_items(texts))))
+    scorers = {torch.float32: (model, block_images, block_texts)}
+    bf16_model = _copy_in_dtype(model, torch.bfloat16)
+    scorers[torch.bfloat16] = (bf16_model, _cast_cache(block_images, torch.bfloat16),
+                               _cast_cache(block_texts, torch.bfloat16))
+    query = select_items(images, slice(0, 1))
+    candidates = select_items(texts, slice(0, min(PROBE_REFINE_K, num_items(texts))))
+    timings = {dtype: [] for dtype in scorers} | {"refine": []}
+    for round_ in range(repeats + 1):  # round 0 is untimed: allocations, kernels
+        for dtype, (scorer, image_block, text_block) in scorers.items():
+            started = time.perf_counter()
+            scorer.similarity(image_block, text_block)
+            timings[dtype].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        model.similarity(query, candidates)
+        timings["refine"].append(time.perf_counter() - started)
+    pairs = num_items(block_images) * num_items(block_texts)
+    per_pair = {dtype: min(timings[dtype][1:]) / pairs for dtype in scorers}
+    return per_pair, min(timings["refine"][1:])
 
 
 def refine_top_k(model, images, texts, scores, k, progress=True):
@@ -314,7 +339,7 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         if isinstance(dtype, str):
             if dtype != "auto":
                 raise ValueError(f"`dtype` must be a torch dtype, None or 'auto', got {dtype!r}")
-            dtype = choose_scoring_dtype(model, images, texts)
+            dtype = choose_scoring_dtype(model, images, texts, refine_k)
         options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
                        compile=compile, progress=progress and is_main)
         if accelerator is None or accelerator.num_processes == 1:

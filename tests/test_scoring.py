@@ -204,13 +204,14 @@ def test_two_process_sharding_matches_single_process(tmp_path):
 @pytest.mark.parametrize("faster", [torch.float32, torch.bfloat16])
 def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch, caplog, faster):
     """`dtype="auto"` times both dtypes on a probe block (here with a clock that makes `faster` 10x faster), takes the
-    faster, logs the choice, re-scores the top k in float32 when it takes bf16, and measures only once."""
+    faster when nothing is re-scored, logs the choice, and measures only once."""
     from modeling_mpsm import scoring
 
     model = tiny_model(seed=3)
     images, texts = tiny_batches()
     image_cache, text_cache = encode_images(model, images, progress=False), encode_texts(model, texts, progress=False)
     monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
+    monkeypatch.setattr(scoring, "_DTYPE_PROBES", {})
     current = {"dtype": torch.float32, "now": 0.0}
     real_similarity = MPSMModel.similarity
 
@@ -228,9 +229,28 @@ def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch
     reference = score_matrix(model, image_cache, text_cache, progress=False)
     automatic = score_matrix(model, image_cache, text_cache, dtype="auto", refine_k=20, progress=False)
     torch.testing.assert_close(automatic, reference, atol=0 if faster == torch.float32 else 1e-6, rtol=0)
-    assert len(scoring._DTYPE_CHOICES) == 1  # measured once, reused by score_matrix
+    assert len(scoring._DTYPE_PROBES) == 1  # measured once, reused by score_matrix
     with pytest.raises(ValueError, match="dtype"):
         score_matrix(model, image_cache, text_cache, dtype="fastest", progress=False)
+
+
+def test_auto_dtype_counts_the_float32_rescoring_of_the_top_k(monkeypatch):
+    """bf16 pays for every pair once but then re-scores (images + captions) x k pairs in float32: with bf16 pairs 4x
+    faster (1 vs 4 us) and a re-scoring call of 20 candidates taking 2 ms, 100 x 500 pairs cost 200 ms in float32
+    against 50 + 600 * 2 = 1,250 ms in bf16 (float32 wins); 2,000 x 10,000 pairs cost 80 s against 20 + 24 = 44 s."""
+    from modeling_mpsm import scoring
+
+    model = tiny_model(seed=3)
+    images, texts = tiny_batches()
+    image_cache, text_cache = encode_images(model, images, progress=False), encode_texts(model, texts, progress=False)
+    key = ("cpu", "MPSMModel", model.config.to_json_string(use_diff=False))
+    monkeypatch.setattr(scoring, "_DTYPE_PROBES", {key: ({torch.float32: 4e-6, torch.bfloat16: 1e-6}, 2e-3)})
+    monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
+    for (num_images, num_texts), refine_k, expected in [
+        ((100, 500), 20, torch.float32), ((100, 500), 0, torch.bfloat16), ((2000, 10000), 20, torch.bfloat16),
+    ]:
+        monkeypatch.setattr(scoring, "num_items", lambda cache, n=(num_images, num_texts): n[cache is text_cache])
+        assert scoring.choose_scoring_dtype(model, image_cache, text_cache, refine_k) == expected
 
 
 def test_train_step_benchmark_runs_each_configuration_in_its_own_process():

@@ -126,3 +126,26 @@ def test_region_features_carry_the_object_class(data_dir):
     known = np.isin(test_y, classes)
     accuracy = (predicted[known] == test_y[known]).mean()
     assert accuracy > 10 / len(synthetic.CLASS_NAMES)  # chance is 1 / 25
+
+
+def test_position_only_in_the_boxes(data_dir, tmp_path):
+    """--position_code_weight 0: the same scenes, captions and boxes, but region features without the box's position
+    code (as pooled BUTD features carry little absolute position): only the spatial prior P_v sees geometry."""
+    synthetic.generate(str(tmp_path), seed=3, position_code_weight=0.0, **SIZES)
+    for name in ("train_caps.txt", "train_ims_bbx.npy", "train_scenes.json"):
+        assert (tmp_path / name).read_bytes() == (data_dir / name).read_bytes(), name
+    assert not np.array_equal(np.load(tmp_path / "train_ims.npy"), np.load(data_dir / "train_ims.npy"))
+    assert json.loads((tmp_path / "meta.json").read_text())["position_code_weight"] == 0.0
+
+
+def test_twin_accuracy_counts_captions_that_prefer_their_own_image_per_change():
+    """Images 0 and 1 are colour twins, 2 and 3 relation twins, 4 has none (ignored). Scores: image 0's captions all
+    beat image 1 (5 of 5), image 1's captions 2 of 5; images 2 and 3 tie everywhere (ties do not count as wins)."""
+    scenes = [{"twin": 1, "change": {"kind": "color"}}, {"twin": 0, "change": {"kind": "color"}},
+              {"twin": 3, "change": {"kind": "relation"}}, {"twin": 2, "change": {"kind": "relation"}},
+              {"twin": -1, "change": {}}]
+    scores = np.zeros((5, 25))
+    scores[0, 0:5] = 1.0  # image 0 over image 1 on its captions
+    scores[1, 5:7] = 1.0  # image 1 over image 0 on two of its captions
+    accuracy = synthetic.twin_accuracy(scores, scenes)
+    assert accuracy == {"color": pytest.approx(70.0), "relation": 0.0}

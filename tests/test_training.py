@@ -18,6 +18,7 @@ from modeling_mpsm.data import synthetic
 from modeling_mpsm.training import (
     EpochSampler,
     NonFiniteLossError,
+    PartnerSampler,
     TrainingState,
     create_optimizer,
     resolve_checkpoint,
@@ -87,6 +88,45 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     sampler = EpochSampler(20, seed=1)
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_partner_sampler_puts_each_caption_next_to_a_caption_of_its_partner():
+    """Images 0-1 and 2-4 are partners, 3 has none; 2 captions per image. Every caption once per epoch; item pairs
+    (0, 1), (2, 3), ... hold one caption of each partner; the unpaired image's captions come last; the order depends
+    only on (seed, epoch)."""
+    partners = [1, 0, 4, -1, 2]
+    sampler = PartnerSampler(partners, captions_per_image=2, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    assert order[-2:] == [6, 7]  # image 3's captions
+    for first, second in zip(order[:-2:2], order[1:-2:2]):
+        assert partners[first // 2] == second // 2
+    torch.manual_seed(99)
+    assert list(PartnerSampler(partners, captions_per_image=2, seed=3)) == order
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(10)) and list(sampler) != order
+    with pytest.raises(ValueError, match="partners"):
+        PartnerSampler([1, 2, 0], captions_per_image=2)  # 0 -> 1 but 1 -> 2
+
+
+def test_train_script_batches_twins_together(scan_dir):
+    """--partners train_scenes.json: every batch of the synthetic scenes holds each caption's twin image; an odd batch
+    size or a list of the wrong length is refused, naming the flag."""
+    script = load_train_script()
+    scenes = os.path.join(scan_dir, "train_scenes.json")
+    args = script.parse_args(["--data_dir", scan_dir, "--output_dir", "o", "--batch_size", "10", "--partners", scenes])
+    with open(scenes) as file:
+        twins = [record["twin"] for record in json.load(file)]
+    train = script.load_split(scan_dir, "train", parser=script.get_dependency_parser("fallback"))
+    loader = script.build_dataloader(args, train, processor=None)
+    indices = list(loader.sampler)
+    batches = [indices[start:start + 10] for start in range(0, len(indices) - 9, 10)]
+    assert batches and all(twins[item // 5] in {other // 5 for other in batch} for batch in batches for item in batch
+                           if twins[item // 5] >= 0)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--data_dir", scan_dir, "--output_dir", "o", "--batch_size", "9", "--partners", scenes])
+    with pytest.raises(ValueError, match="--partners"):
+        script.read_partners(scenes, len(twins) + 1)
 
 
 def test_training_state_round_trip():
