@@ -290,18 +290,32 @@ def table_of(name):
     return {ENSEMBLE: "ensemble", PEER: "peer"}.get(name) or VARIANTS[name][0]
 
 
-def read_claims(summary):
+def read_claims(summary, results):
     """Each claim whose rows were run: the rsum difference and its verdict (a gap counts beyond two spreads, the larger
-    of the two rows' standard deviations over seeds)."""
-    lines = ["| claim | better | worse | rsum difference | two spreads | verdict |", "|---|---|---|---|---|---|"]
+    of the two rows' standard deviations over seeds), and the same seed by seed: every variant of a seed starts from
+    the same initialisation and sees the same batches, so the per-seed differences (their mean ± standard deviation)
+    remove the part of the noise the rows share."""
+    lines = ["| claim | better | worse | rsum difference | two spreads | verdict | per-seed differences | paired verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for better, worse, source in CLAIMS:
         if better not in summary or worse not in summary:
             continue
         (high, high_spread), (low, low_spread) = summary[better]["rsum"], summary[worse]["rsum"]
         gap, noise = high - low, 2 * max(high_spread, low_spread)
-        verdict = "held" if gap > noise else ("reversed" if gap < -noise else "within noise")
-        lines.append(f"| {source} | {better} | {worse} | {gap:+.1f} | {noise:.1f} | {verdict} |")
+        worse_by_seed = {run["seed"]: run["rsum"] for run in results[worse]}
+        differences = [run["rsum"] - worse_by_seed[run["seed"]] for run in results[better] if run["seed"] in worse_by_seed]
+        paired = "–"
+        if len(differences) > 1:
+            mean, spread = statistics.fmean(differences), statistics.stdev(differences)
+            paired = f"{mean:+.1f} ± {spread:.1f} ({len(differences)})"
+            paired_verdict = verdict(mean, 2 * spread)
+        lines.append(f"| {source} | {better} | {worse} | {gap:+.1f} | {noise:.1f} | {verdict(gap, noise)} | {paired} | "
+                     f"{paired_verdict if len(differences) > 1 else '–'} |")
     return "\n".join(lines)
+
+
+def verdict(gap, noise):
+    return "held" if gap > noise else ("reversed" if gap < -noise else "within noise")
 
 
 def plot(summary, path):
@@ -348,14 +362,14 @@ def main():
         }
         for (name, seed), future in futures.items():
             metrics = future.result()
-            results.setdefault(name, []).append(metrics)
+            results.setdefault(name, []).append({**metrics, "seed": seed})
             print(f"seed {seed} {name:45s} rsum {metrics['rsum']:6.1f}  ({metrics.get('train_seconds', 0):.0f} s)",
                   flush=True)
     seeds = [seed for seed in args.seeds if (("MPSM (dis)", seed) in jobs and ("MPSM (dir)", seed) in jobs)]
     if want_ensemble and seeds:
-        results[ENSEMBLE] = [ensemble_metrics(args, data_dir, seed) for seed in seeds]
+        results[ENSEMBLE] = [{**ensemble_metrics(args, data_dir, seed), "seed": seed} for seed in seeds]
     summary = summarise(results)
-    table = markdown_table(summary, args.seeds, args.max_train_steps) + "\n\n" + read_claims(summary)
+    table = markdown_table(summary, args.seeds, args.max_train_steps) + "\n\n" + read_claims(summary, results)
     print(table)
     with open(os.path.join(args.output_dir, "ablations.md"), "w", encoding="utf-8") as file:
         file.write(table + "\n")
