@@ -40,9 +40,9 @@ from modeling_mpsm.publishing import publish
 from modeling_mpsm.training import (
     BEST_RESULTS_FILE,
     EpochSampler,
-    PartnerSampler,
     LoopSettings,
     NonFiniteLossError,
+    PartnerSampler,
     TrainingLog,
     TrainingState,
     create_optimizer,

@@ -262,7 +262,7 @@ def _probe_scoring_speed(model, images, texts, probe_images, probe_texts, repeat
     query = select_items(images, slice(0, 1))
     candidates = select_items(texts, slice(0, min(PROBE_REFINE_K, num_items(texts))))
     timings = {dtype: [] for dtype in scorers} | {"refine": []}
-    for round_ in range(repeats + 1):  # round 0 is untimed: allocations, kernels
+    for _ in range(repeats + 1):  # the first round is untimed: allocations, kernels
         for dtype, (scorer, image_block, text_block) in scorers.items():
             started = time.perf_counter()
             scorer.similarity(image_block, text_block)
