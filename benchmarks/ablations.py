@@ -26,9 +26,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from modeling_mpsm.common import METRIC_KEYS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from modeling_mpsm.common import METRIC_KEYS  # noqa: E402
 
 # Which change between twin scenes a model reads (`twin_accuracy` of evaluate_mpsm.py): % of captions that score their
 # own image above its twin, per kind of change; ~50 when blind to it, ~80 when reading it (2 of 5 captions do not

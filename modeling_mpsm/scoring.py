@@ -216,7 +216,8 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
 
 
 @torch.no_grad()
-def choose_scoring_dtype(model, images, texts, refine_k=0, probe_images=16, probe_texts=256, repeats=3):
+def choose_scoring_dtype(model, images, texts, refine_k=0, num_processes=1, probe_images=16, probe_texts=256,
+                         repeats=3):
     """
     The faster of float32 and bfloat16 for scoring these caches on this machine. Whether bf16 pays depends on the
     CPU (seen: 0.6x on one, 5x on another), so it is measured, once per process (and per device type and model
@@ -224,7 +225,9 @@ def choose_scoring_dtype(model, images, texts, refine_k=0, probe_images=16, prob
     (a drift of the machine's speed hits both alike), the best of each; and one float32 re-scoring call of a query's
     `PROBE_REFINE_K` candidates. The choice compares the projected totals for this gallery: float32 scores every
     pair; bfloat16 scores every pair, then re-scores the top `refine_k` of every image and caption in float32
-    (`refine_top_k`), so small galleries stay in float32 even where bf16 pairs are faster. The choice is logged.
+    (`refine_top_k`), so small galleries stay in float32 even where bf16 pairs are faster. With `num_processes`
+    (`score_matrix`'s sharding), each process scores its share of the pairs but re-scores every query. The choice is
+    logged.
 
     Returns:
         `torch.float32` or `torch.bfloat16`.
@@ -235,7 +238,7 @@ def choose_scoring_dtype(model, images, texts, refine_k=0, probe_images=16, prob
         _DTYPE_PROBES[key] = _probe_scoring_speed(model, images, texts, probe_images, probe_texts, repeats)
     per_pair, refine_call = _DTYPE_PROBES[key]
     num_images, num_texts = num_items(images), num_items(texts)
-    projected = {dtype: num_images * num_texts * seconds for dtype, seconds in per_pair.items()}
+    projected = {dtype: num_images * num_texts * seconds / num_processes for dtype, seconds in per_pair.items()}
     if refine_k:
         projected[torch.bfloat16] += (num_images + num_texts) * refine_call * refine_k / PROBE_REFINE_K
     choice = min(projected, key=projected.get)
@@ -339,7 +342,8 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
         if isinstance(dtype, str):
             if dtype != "auto":
                 raise ValueError(f"`dtype` must be a torch dtype, None or 'auto', got {dtype!r}")
-            dtype = choose_scoring_dtype(model, images, texts, refine_k)
+            dtype = choose_scoring_dtype(model, images, texts, refine_k,
+                                         accelerator.num_processes if accelerator is not None else 1)
         options = dict(max_block_bytes=max_block_bytes, max_pairs_per_block=max_pairs_per_block, dtype=dtype,
                        compile=compile, progress=progress and is_main)
         if accelerator is None or accelerator.num_processes == 1:

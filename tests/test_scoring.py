@@ -237,7 +237,8 @@ def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch
 def test_auto_dtype_counts_the_float32_rescoring_of_the_top_k(monkeypatch):
     """bf16 pays for every pair once but then re-scores (images + captions) x k pairs in float32: with bf16 pairs 4x
     faster (1 vs 4 us) and a re-scoring call of 20 candidates taking 2 ms, 100 x 500 pairs cost 200 ms in float32
-    against 50 + 600 * 2 = 1,250 ms in bf16 (float32 wins); 2,000 x 10,000 pairs cost 80 s against 20 + 24 = 44 s."""
+    against 50 + 600 * 2 = 1,250 ms in bf16 (float32 wins); 2,000 x 10,000 pairs cost 80 s against 20 + 24 = 44 s;
+    shared by 8 processes, each scores an eighth of the pairs but re-scores every query: 10 s against 2.5 + 24 s."""
     from modeling_mpsm import scoring
 
     model = tiny_model(seed=3)
@@ -246,11 +247,12 @@ def test_auto_dtype_counts_the_float32_rescoring_of_the_top_k(monkeypatch):
     key = ("cpu", "MPSMModel", model.config.to_json_string(use_diff=False))
     monkeypatch.setattr(scoring, "_DTYPE_PROBES", {key: ({torch.float32: 4e-6, torch.bfloat16: 1e-6}, 2e-3)})
     monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
-    for (num_images, num_texts), refine_k, expected in [
-        ((100, 500), 20, torch.float32), ((100, 500), 0, torch.bfloat16), ((2000, 10000), 20, torch.bfloat16),
+    for (num_images, num_texts), refine_k, processes, expected in [
+        ((100, 500), 20, 1, torch.float32), ((100, 500), 0, 1, torch.bfloat16), ((2000, 10000), 20, 1, torch.bfloat16),
+        ((2000, 10000), 20, 8, torch.float32),
     ]:
         monkeypatch.setattr(scoring, "num_items", lambda cache, n=(num_images, num_texts): n[cache is text_cache])
-        assert scoring.choose_scoring_dtype(model, image_cache, text_cache, refine_k) == expected
+        assert scoring.choose_scoring_dtype(model, image_cache, text_cache, refine_k, processes) == expected
 
 
 def test_train_step_benchmark_runs_each_configuration_in_its_own_process():
