@@ -88,12 +88,13 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def generator(self) -> torch.Generator:
-        """The random stream of the current epoch, seeded by `(seed, epoch)` only."""
+    def epoch_generator(self) -> torch.Generator:
+        """The random stream of the current epoch, seeded by `(seed, epoch)` only (not named `generator`: Accelerate
+        reads a sampler's `generator` attribute as a `torch.Generator` when it shards the data loader)."""
         return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
 
     def __iter__(self):
-        return iter(torch.randperm(self.num_items, generator=self.generator()).tolist())
+        return iter(torch.randperm(self.num_items, generator=self.epoch_generator()).tolist())
 
     def __len__(self) -> int:
         return self.num_items
@@ -123,7 +124,7 @@ class PartnerSampler(EpochSampler):
         self.captions_per_image = captions_per_image
 
     def __iter__(self):
-        generator = self.generator()
+        generator = self.epoch_generator()
         k = self.captions_per_image
         units = []  # (a caption of image i, a caption of its partner), each caption of both images once
         for image, partner in self.pairs:
