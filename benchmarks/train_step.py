@@ -7,11 +7,14 @@
 Every configuration runs in its own process, so that its peak resident memory (`ru_maxrss`) is its own; the processes
 are interleaved over `--rounds` rounds (MPSM, MPSM with checkpointing, SGRAF, MPSM, ...) so that a drift of the
 machine's speed touches all alike; seconds per update are the median over rounds of the mean over `--steps` updates
-after one warm-up update. Batches are the same for all: 36 regions of `--img` features with boxes, captions of
+after `--warmup` updates (a fresh process's first updates also pay for growing its memory). Batches are the same for all: 36 regions of `--img` features with boxes, captions of
 Flickr30K-like lengths (5-30 words + <start>/<end>, mean ~15), the neighbour-chain dependency graph. SGRAF's SGR is
 SGRAF's `model.py` from the given git directory, patched only to run on a CPU under Python 3 (as
-`shared/peers/train_speed.py` does), trained with its own `train_emb`.
-Prints one table (s/update, peak RSS) and the ratios MPSM / SGRAF measured in this run.
+`shared/peers/train_speed.py` does), trained with its own `train_emb`; MPSM's update is the package's (its
+`create_optimizer`, fused Adam where the device has it). With `--bf16_rows`, both also run under
+`torch.autocast(dtype=torch.bfloat16)` (mixed precision, as `accelerate launch --mixed_precision bf16` trains), beside
+the float32 rows: bf16 is faster on some CPUs and slower on others, so it is measured, not assumed.
+Prints one table (s/update, peak RSS) and the ratios MPSM / SGRAF at the same precision measured in this run.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import tempfile
 import time
 import types
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -48,20 +52,22 @@ def image_batch(batch, img_dim, seed=0):
 def mpsm_update(args):
     from modeling_mpsm import MPSMConfig, MPSMModel
     from modeling_mpsm.modeling_mpsm import chain_adjacency
+    from modeling_mpsm.training import create_optimizer
 
     config = MPSMConfig(vocab_size=args.vocab, img_dim=args.img, embed_size=args.embed, sim_dim=args.sim,
                         word_dim=args.word)
     model = MPSMModel(config).train()
     if args.checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    optimizer = create_optimizer(model, learning_rate=2e-4)
     input_ids, _, mask = caption_batch(args.batch, args.vocab)
     features, boxes = image_batch(args.batch, args.img)
     inputs = dict(region_features=features, boxes=boxes, input_ids=input_ids, attention_mask=mask,
                   dependency_adjacency=chain_adjacency(mask), return_loss=True)
 
     def update():
-        loss = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -92,7 +98,12 @@ def sgraf_update(args):
     model.train_start()
     input_ids, lengths, _ = caption_batch(args.batch, args.vocab)
     features, _ = image_batch(args.batch, args.img)
-    return lambda: model.train_emb(features, input_ids, lengths)
+
+    def update():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            model.train_emb(features, input_ids, lengths)
+
+    return update
 
 
 def worker(args):
@@ -100,7 +111,8 @@ def worker(args):
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     update = sgraf_update(args) if args.model == "sgraf" else mpsm_update(args)
-    update()  # warm-up
+    for _ in range(args.warmup):
+        update()
     started = time.perf_counter()
     for _ in range(args.steps):
         update()
@@ -110,6 +122,26 @@ def worker(args):
 
 
 SIZE_FLAGS = ("embed", "sim", "word", "img", "vocab")
+SGRAF = "SGRAF SGR (its own code)"
+
+
+class Row(NamedTuple):
+    name: str
+    model: str  # "mpsm" or "sgraf"
+    checkpointing: bool
+    bf16: bool
+
+
+def matmul_peak(dtype, size=2048, repeats=5):
+    """GFLOP/s of a size x size matmul in `dtype` (best of `repeats`), measured now on this machine."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
 
 
 def main(argv=None):
@@ -122,47 +154,59 @@ def main(argv=None):
     parser.add_argument("--img", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=8481)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed updates per process, after one warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="timed updates per process, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed updates per process before the timed ones")
+    parser.add_argument("--bf16_rows", action="store_true", help="add MPSM and SGRAF under bf16 autocast")
     parser.add_argument("--no_checkpointing_rows", action="store_true", help="skip the gradient-checkpointing rows")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=["mpsm", "sgraf"], default="mpsm", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
 
-    rows = [("MPSM", "mpsm", False)]
+    rows = [Row("MPSM", "mpsm", False, False)]
     if not args.no_checkpointing_rows:
-        rows.append(("MPSM, gradient checkpointing", "mpsm", True))
+        rows.append(Row("MPSM, gradient checkpointing", "mpsm", True, False))
     if args.sgraf_repo:
-        rows.append(("SGRAF SGR (its own code)", "sgraf", False))
+        rows.append(Row(SGRAF, "sgraf", False, False))
+    if args.bf16_rows:
+        rows += [Row(f"{row.name}, bf16 autocast", row.model, row.checkpointing, True) for row in rows
+                 if not row.checkpointing]
     sizes = [f"--{flag}={getattr(args, flag)}" for flag in SIZE_FLAGS]
     print(f"embed {args.embed}, sim {args.sim}, word {args.word}, {args.img}-d regions, vocab {args.vocab}; "
-          f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} updates per configuration")
+          f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} updates per configuration after "
+          f"{args.warmup} warm-up; matmul peak now: {matmul_peak(torch.float32):.0f} GFLOP/s float32, "
+          f"{matmul_peak(torch.bfloat16):.0f} bfloat16")
     results = {}
     for batch in args.batch_sizes:
         for round_index in range(args.rounds):
-            for name, model, checkpointing in rows:
-                command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--batch",
-                           str(batch), "--steps", str(args.steps), *sizes]
-                command += ["--checkpointing"] if checkpointing else []
-                command += ["--sgraf_repo", args.sgraf_repo] if model == "sgraf" else []
+            for row in rows:
+                command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", row.model, "--batch",
+                           str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup), *sizes]
+                command += ["--checkpointing"] if row.checkpointing else []
+                command += ["--bf16"] if row.bf16 else []
+                command += ["--sgraf_repo", args.sgraf_repo] if row.model == "sgraf" else []
                 finished = subprocess.run(command, capture_output=True, text=True)
                 if finished.returncode != 0:
-                    raise RuntimeError(f"{name}, batch {batch} failed (exit {finished.returncode}):\n{finished.stderr}")
-                results.setdefault((batch, name), []).append(json.loads(finished.stdout.strip().splitlines()[-1]))
-                print(f"  batch {batch}, round {round_index + 1}: {name}: {results[batch, name][-1]}", flush=True)
+                    raise RuntimeError(f"{row.name}, batch {batch} failed (exit {finished.returncode}):\n"
+                                       f"{finished.stderr}")
+                results.setdefault((batch, row.name), []).append(json.loads(finished.stdout.strip().splitlines()[-1]))
+                print(f"  batch {batch}, round {round_index + 1}: {row.name}: {results[batch, row.name][-1]}",
+                      flush=True)
 
     print("\n| batch | configuration | s / update | peak RSS (MB) | time vs SGRAF | memory vs SGRAF |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
-        summary = {name: (statistics.median(r["seconds"] for r in results[batch, name]),
-                          max(r["peak_rss_mb"] for r in results[batch, name])) for name, _, _ in rows}
-        baseline = summary.get("SGRAF SGR (its own code)")
-        for name, (seconds, peak) in summary.items():
+        summary = {row.name: (statistics.median(r["seconds"] for r in results[batch, row.name]),
+                              max(r["peak_rss_mb"] for r in results[batch, row.name])) for row in rows}
+        for row in rows:  # against SGRAF at the same precision
+            seconds, peak = summary[row.name]
+            baseline = summary.get(f"{SGRAF}, bf16 autocast" if row.bf16 else SGRAF)
             ratios = ("-", "-") if baseline is None else (f"x{seconds / baseline[0]:.2f}", f"x{peak / baseline[1]:.2f}")
-            print(f"| {batch} | {name} | {seconds:.2f} | {peak:,.0f} | {ratios[0]} | {ratios[1]} |")
+            print(f"| {batch} | {row.name} | {seconds:.2f} | {peak:,.0f} | {ratios[0]} | {ratios[1]} |")
         if "MPSM, gradient checkpointing" in summary:
             plain, checkpointed = summary["MPSM"][1], summary["MPSM, gradient checkpointing"][1]
             print(f"| {batch} | checkpointing: memory / without | | | | x{checkpointed / plain:.2f} |")

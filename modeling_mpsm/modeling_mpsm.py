@@ -125,6 +125,24 @@ def masked_softmax(scores, mask, dim=-1):
     return torch.softmax(scores, dim=dim) * mask
 
 
+def real_node_index(mask):
+    """The flat indices of the real nodes of `mask` [B, k] in [B * k], or None when every node is real."""
+    return None if bool(mask.all()) else mask.flatten().nonzero().squeeze(1)
+
+
+def linear_on_real_nodes(layer, nodes, real):
+    """
+    `layer(nodes)` on the real nodes only, zero on padding: nodes [B, k, c], real from `real_node_index` -> [B, k, c'].
+    Padded captions are about half padding (Flickr30K: 12 words on average, 30+ for the longest of a batch), so the
+    per-node maps of the textual side would otherwise spend about half their matmuls on padding.
+    """
+    if real is None:
+        return layer(nodes)
+    flat = nodes.reshape(-1, nodes.shape[-1])
+    values = layer(flat.index_select(0, real))
+    return values.new_zeros(len(flat), values.shape[-1]).index_copy(0, real, values).view(*nodes.shape[:-1], -1)
+
+
 def masked_mean(x, mask):
     """Mean of `x` [B, k, c] over the rows where `mask` [B, k] is True -> [B, c]."""
     mask = mask.to(x.dtype).unsqueeze(-1)
@@ -352,27 +370,31 @@ class MPSMKGIDLayer(nn.Module):
         self.edge_out = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_O (eq 9)
         self.edge_in = nn.Linear(size, size, bias=False) if rebuild_adjacency else None  # W_I (eq 9)
 
-    def adaptive_adjacency(self, nodes, mask):
+    def adaptive_adjacency(self, nodes, mask, real=None):
         """Eq 9: A_ij = softmax_j(λ (W_O x_i)ᵀ(W_I x_j)) over valid j. [B, k, d] -> [B, k, k]."""
-        scores = self.lambda_softmax * self.edge_out(nodes) @ self.edge_in(nodes).transpose(1, 2)
+        out_nodes = linear_on_real_nodes(self.edge_out, nodes, real)
+        in_nodes = linear_on_real_nodes(self.edge_in, nodes, real)
+        scores = self.lambda_softmax * out_nodes @ in_nodes.transpose(1, 2)
         return masked_softmax(scores, mask.unsqueeze(1)) * mask.unsqueeze(2)
 
-    def forward(self, nodes, adjacency, mask):
+    def forward(self, nodes, adjacency, mask, real=None):
         """
-        nodes [B, k, d], adjacency [B, k, k] (ignored when this layer rebuilds it), mask [B, k] -> (nodes, gate),
-        gate [B, k, d] (ones when `config.kgid_gate` is off).
+        nodes [B, k, d], adjacency [B, k, k] (ignored when this layer rebuilds it), mask [B, k], real (*optional*):
+        `real_node_index(mask)`, to run the per-node maps on the real nodes only -> (nodes, gate), gate [B, k, d] (ones
+        when `config.kgid_gate` is off).
         """
         if self.edge_out is not None:
-            adjacency = self.adaptive_adjacency(nodes, mask)
+            adjacency = self.adaptive_adjacency(nodes, mask, real)
         size = nodes.shape[-1]
-        knowledge = size * torch.softmax(adjacency @ self.propagation(nodes), dim=-1) * nodes  # eq 5, ρ = d·softmax
+        propagated = adjacency @ linear_on_real_nodes(self.propagation, nodes, real)
+        knowledge = size * torch.softmax(propagated, dim=-1) * nodes  # eq 5, ρ = d·softmax
         if self.use_gate:
             unit = size**0.5 / nodes.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # unit-RMS coordinates
             gate = torch.sigmoid(knowledge * unit * nodes * unit + nodes * unit)  # eq 6
             gated = gate * knowledge + (1 - gate) * nodes  # eq 7
         else:  # ablation: the disseminated knowledge replaces the node
             gate, gated = torch.ones_like(nodes), knowledge
-        nodes = (nodes + self.transform(gated)) * mask.unsqueeze(-1)  # eq 8, linear shortcut
+        nodes = (nodes + linear_on_real_nodes(self.transform, gated, real)) * mask.unsqueeze(-1)  # eq 8, linear shortcut
         return nodes, gate
 
 
@@ -383,9 +405,9 @@ class MPSMKGID(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(MPSMKGIDLayer(config, rebuild_adjacency=i > 0) for i in range(config.kgid_layers))
 
-    def forward(self, nodes, adjacency, mask):
+    def forward(self, nodes, adjacency, mask, real=None):
         for layer in self.layers:
-            nodes, _ = layer(nodes, adjacency, mask)
+            nodes, _ = layer(nodes, adjacency, mask, real)
         return l2norm(nodes) * mask.unsqueeze(-1)
 
 
@@ -405,9 +427,11 @@ class MPSMGlobalAttention(nn.Module):
         self.score = nn.Linear(config.embed_size, 1)  # W₁
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, nodes, mask):
+    def forward(self, nodes, mask, real=None):
+        """nodes [B, k, d], mask [B, k], real (*optional*): `real_node_index(mask)`."""
         mean = masked_mean(nodes, mask)
-        common = torch.tanh(self.local_proj(nodes)) * torch.tanh(self.global_proj(mean)).unsqueeze(1)
+        local = linear_on_real_nodes(self.local_proj, nodes, real)
+        common = torch.tanh(local) * torch.tanh(self.global_proj(mean)).unsqueeze(1)
         weights = masked_softmax(self.score(self.dropout(common)).squeeze(-1), mask)
         return l2norm((weights.unsqueeze(-1) * nodes).sum(1)), weights
 
@@ -965,6 +989,7 @@ class MPSMModel(MPSMPreTrainedModel):
             region_features = region_features.to(self.image_encoder.fc.weight.dtype)  # e.g. float64 numpy features
         boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
         regions = self.image_encoder(region_features, region_mask)
+        real = real_node_index(region_mask)  # the per-region maps skip the padding (None: every region is real)
         if self.visual_kgid is not None:
             if self.spatial_kernels is None:  # ablation: no spatial prior, P_v = 1
                 prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
@@ -976,8 +1001,8 @@ class MPSMModel(MPSMPreTrainedModel):
             else:
                 prior = self.spatial_kernels(boxes)
             graph = semantic_knowledge_graph(regions, prior, region_mask, self.config.lambda_softmax)
-            regions = self.visual_kgid(regions, graph, region_mask)
-        image_embeds, _ = self.image_attention(regions, region_mask)
+            regions = self.visual_kgid(regions, graph, region_mask, real)
+        image_embeds, _ = self.image_attention(regions, region_mask, real)
         return MPSMImageOutput(region_embeds=regions, region_mask=region_mask, image_embeds=image_embeds)
 
     # ---------------------------------------------------------------- per item: captions
@@ -996,6 +1021,7 @@ class MPSMModel(MPSMPreTrainedModel):
             input_ids, attention_mask, dependency_adjacency, self.config.vocab_size
         )
         words = self.text_encoder(input_ids, attention_mask)
+        real = real_node_index(attention_mask)  # the per-word maps skip the padding (about half of a batch's words)
         word_weights = attention_mask.to(words.dtype)
         if self.word_self_attention is not None:
             words, word_weights = self.word_self_attention(words, attention_mask)
@@ -1003,8 +1029,8 @@ class MPSMModel(MPSMPreTrainedModel):
             if adjacency is None:
                 adjacency = chain_adjacency(attention_mask).to(words.dtype)
             graph = semantic_knowledge_graph(words, adjacency.to(words.dtype), attention_mask, self.config.lambda_softmax)
-            words = self.textual_kgid(words, graph, attention_mask)
-        text_embeds, _ = self.text_attention(words, attention_mask)
+            words = self.textual_kgid(words, graph, attention_mask, real)
+        text_embeds, _ = self.text_attention(words, attention_mask, real)
         guidance = torch.sigmoid(self.text_guidance(text_embeds)) if self.text_guidance is not None else None
         return MPSMTextOutput(
             word_embeds=words,

@@ -1,5 +1,6 @@
 """Tests of MPSMConfig / MPSMModel / MPSMEnsembleModel: each equation on small hand-checkable cases."""
 
+import itertools
 import math
 
 import pytest
@@ -15,6 +16,8 @@ from modeling_mpsm.modeling_mpsm import (
     add_linear,
     chain_adjacency,
     cross_attention,
+    linear_on_real_nodes,
+    real_node_index,
     semantic_knowledge_graph,
     triplet_loss,
 )
@@ -226,12 +229,31 @@ def test_kgid_padded_nodes_change_nothing():
     padded_adjacency = torch.zeros(1, 5, 5)
     padded_adjacency[:, :3, :3] = adjacency
     mask = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool)
-    for rebuild in (False, True):  # layer 0 (given E) and layers > 0 (eq 9 over valid nodes)
-        layer.edge_out = layer.edge_out if rebuild else None
+    edge_out = layer.edge_out
+    for rebuild, real in itertools.product((False, True), (None, real_node_index(mask))):
+        # layer 0 (given E) and layers > 0 (eq 9 over valid nodes); the per-node maps on every node or on the real ones
+        layer.edge_out = edge_out if rebuild else None
         reference, _ = layer(nodes, adjacency, torch.ones(1, 3, dtype=torch.bool))
-        padded, _ = layer(padded_nodes, padded_adjacency, mask)
+        padded, _ = layer(padded_nodes, padded_adjacency, mask, real)
         torch.testing.assert_close(padded[:, :3], reference, atol=1e-6, rtol=0)
         assert padded[:, 3:].abs().sum() == 0
+
+
+def test_linear_on_real_nodes_equals_the_layer_on_the_real_rows_with_the_same_gradients():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    nodes = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert real_node_index(torch.ones(2, 5, dtype=torch.bool)) is None  # nothing to skip: the plain layer
+    assert real_node_index(mask).tolist() == [0, 1, 5, 6, 7, 8]
+    packed = linear_on_real_nodes(layer, nodes, real_node_index(mask))
+    expected = layer(nodes) * mask.unsqueeze(-1)
+    torch.testing.assert_close(packed, expected)
+    weights = torch.randn(2, 5, 3)
+    packed_gradients = torch.autograd.grad((packed * weights).sum(), [nodes, layer.weight, layer.bias])
+    expected_gradients = torch.autograd.grad((expected * weights).sum(), [nodes, layer.weight, layer.bias])
+    for packed_gradient, expected_gradient in zip(packed_gradients, expected_gradients):
+        torch.testing.assert_close(packed_gradient, expected_gradient)
 
 
 # ----------------------------------------------------------------------------------------------------- eq 10-15

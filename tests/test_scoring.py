@@ -262,12 +262,14 @@ def test_train_step_benchmark_runs_each_configuration_in_its_own_process():
     import sys
 
     command = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--batch_sizes", "6", "--embed", "16",
-               "--sim", "8", "--word", "8", "--img", "12", "--vocab", "30", "--rounds", "1", "--steps", "1"]
+               "--sim", "8", "--word", "8", "--img", "12", "--vocab", "30", "--rounds", "1", "--steps", "1",
+               "--warmup", "1", "--bf16_rows"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
+    assert "GFLOP/s float32" in result.stdout and "bfloat16" in result.stdout  # the peaks of this run, printed
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 6 |")]
     assert [row.split("|")[2].strip() for row in rows] == [
-        "MPSM", "MPSM, gradient checkpointing", "checkpointing: memory / without"]
-    seconds = [float(row.split("|")[3]) for row in rows[:2]]
+        "MPSM", "MPSM, gradient checkpointing", "MPSM, bf16 autocast", "checkpointing: memory / without"]
+    seconds = [float(row.split("|")[3]) for row in rows[:3]]
     assert all(value > 0 for value in seconds)
