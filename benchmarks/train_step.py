@@ -58,7 +58,7 @@ def mpsm_update(args):
                         word_dim=args.word)
     model = MPSMModel(config).train()
     if args.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = create_optimizer(model, learning_rate=2e-4)
     input_ids, _, mask = caption_batch(args.batch, args.vocab)
     features, boxes = image_batch(args.batch, args.img)

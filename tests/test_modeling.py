@@ -710,8 +710,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(streams):
         torch.manual_seed(0)
         model = MPSMModel(tiny_config(similarity="joint", streams=streams, dropout=0.0))
         if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            model.activation_checkpointing_enable()  # transformers 5.x's name (gradient_checkpointing_enable is deprecated)
+            assert model.is_activation_checkpointing
         model.criterion.max_violation = False  # the sum of violations
         loss = model(**make_batch(batch=4, seed=9), return_loss=True).loss
         loss.backward()
@@ -753,9 +753,20 @@ def test_caption_blocks_of_similar_length_give_the_loss_and_gradients_of_one_blo
     batch["attention_mask"] = (torch.arange(9)[None] < lengths[:, None]).long()
     batch["input_ids"] = batch["input_ids"].clamp_min(4) * batch["attention_mask"]
     batch["dependency_adjacency"] = chain_adjacency(batch["attention_mask"])
-    results = []
-    for blocks in (1, 4):
+    results, block_counts = [], []
+    original_caption_blocks = modeling.caption_blocks
+
+    def counted_caption_blocks(*args):
+        blocks = original_caption_blocks(*args)
+        block_counts.append(len(blocks))
+        return blocks
+
+    monkeypatch.setattr(modeling, "caption_blocks", counted_caption_blocks)
+    # one block; four; and as many as BLOCK_FLOATS asks for when a batch's per-pair tensors are large (here: every
+    # length its own block, as with BLOCK_FLOATS = 1)
+    for blocks, block_floats in ((1, 2**40), (4, 2**40), (1, 1)):
         monkeypatch.setattr(modeling, "CAPTION_BLOCKS", blocks)
+        monkeypatch.setattr(modeling, "BLOCK_FLOATS", block_floats)
         torch.manual_seed(0)
         model = MPSMModel(tiny_config(dropout=0.0, **options))
         loss = model(**batch, return_loss=True).loss
@@ -765,15 +776,17 @@ def test_caption_blocks_of_similar_length_give_the_loss_and_gradients_of_one_blo
         with torch.no_grad():
             scores = model.eval()(**batch).logits_per_image
         results.append((loss, gradients, statistics, scores))
-    (loss, gradients, statistics, scores), (block_loss, block_gradients, block_statistics, block_scores) = results
-    torch.testing.assert_close(block_loss, loss)
-    assert block_gradients.keys() == gradients.keys()
-    for name in gradients:  # float32 sums in another order: equal to rounding, relative to the gradient's size
-        error = (block_gradients[name] - gradients[name]).norm()
-        assert error <= 1e-5 * gradients[name].norm() + 1e-5, (name, error)  # + 1e-5: gradients near 0 in exact maths
-    for name in statistics:
-        torch.testing.assert_close(block_statistics[name], statistics[name], msg=name)
-    torch.testing.assert_close(block_scores, scores, atol=1e-6, rtol=1e-5)
+    assert sorted(set(block_counts)) == [1, 4, 7]  # 7 lengths: 2, 3, 4, 5, 6, 7, 9
+    (loss, gradients, statistics, scores) = results[0]
+    for block_loss, block_gradients, block_statistics, block_scores in results[1:]:
+        torch.testing.assert_close(block_loss, loss)
+        assert block_gradients.keys() == gradients.keys()
+        for name in gradients:  # float32 sums in another order: equal to rounding, relative to the gradient's size
+            error = (block_gradients[name] - gradients[name]).norm()
+            assert error <= 1e-5 * gradients[name].norm() + 1e-5, (name, error)  # + 1e-5: gradients near 0 exactly
+        for name in statistics:
+            torch.testing.assert_close(block_statistics[name], statistics[name], msg=name)
+        torch.testing.assert_close(block_scores, scores, atol=1e-6, rtol=1e-5)
 
 
 def test_every_public_path_runs_under_bf16_autocast():

@@ -236,6 +236,22 @@ def test_best_model_loads_in_a_fresh_process(trained_run):
     assert result.stdout.strip().endswith("MPSMModel (2, 2)")
 
 
+def test_activation_checkpointing_flag_trains_the_same_weights(scan_dir, tmp_path):
+    """--activation_checkpointing recomputes the per-pair part in the backward pass: same losses, same weights."""
+    weights = []
+    for name, extra in (("plain", []), ("checkpointed", ["--activation_checkpointing"])):
+        output_dir = tmp_path / name
+        assert load_train_script().main(train_args(scan_dir, output_dir, "--max_train_steps", "3", *extra)) == 0
+        weights.append(load_file(os.path.join(output_dir, "checkpoints", "step_3", "model.safetensors")))
+        losses = [record["loss"] for record in read_log(str(output_dir)) if "loss" in record]
+        if name == "plain":
+            plain_losses = losses
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6)
+
+
 def test_nonfinite_loss_is_skipped_and_counted(scan_dir, tmp_path, monkeypatch):
     nan_losses_at(monkeypatch, {1, 2})
     argv = train_args(scan_dir, tmp_path, "--max_train_steps", "5")
