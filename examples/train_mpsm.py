@@ -347,7 +347,8 @@ def run(args, accelerator):
     config = model.config
 
     dataloader = build_dataloader(args, train, processor)
-    optimizer = create_optimizer(model.to(accelerator.device), args.learning_rate, args.weight_decay)
+    optimizer = create_optimizer(model.to(accelerator.device), args.learning_rate, args.weight_decay,
+                                 fused=accelerator.scaler is None)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if updates_per_epoch == 0:

@@ -60,6 +60,23 @@ def train_args(scan_dir, output_dir, *extra):
 # ------------------------------------------------------------------------------------------------ pieces
 
 
+def test_optimizer_is_fused_adam_unless_a_gradient_scaler_needs_to_see_skipped_steps():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    fused, plain = create_optimizer(model, 1e-3), create_optimizer(model, 1e-3, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    assert [p for group in fused.param_groups for p in group["params"]] == [model.weight]  # trainable ones only
+    weights = []
+    for optimizer in (fused, plain):  # the same update either way
+        with torch.no_grad():
+            model.weight.copy_(torch.ones(2, 3))
+        model.weight.grad = torch.full((2, 3), 0.5)
+        optimizer.step()
+        weights.append(model.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1])
+    torch.testing.assert_close(weights[0], torch.full((2, 3), 1 - 1e-3))  # Adam's first step: lr * sign(gradient)
+
+
 def test_step_decay_schedule():
     optimizer = create_optimizer(torch.nn.Linear(2, 2), learning_rate=0.5)
     scheduler = step_decay_schedule(optimizer, updates_per_epoch=3, decay_epochs=[2, 4])
