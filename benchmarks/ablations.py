@@ -6,7 +6,8 @@ and the same seeds, through `examples/train_mpsm.py` (the paper's loss: a sum-of
 hardest negatives); the best model on dev is evaluated on test with `examples/evaluate_mpsm.py` (Flickr30K protocol:
 each test image against all test captions). The ensemble (MPSM*) is the mean of the `dis` and `dir` runs of the same
 seed. With `--sgraf_repo` (a git directory of Paranioar/SGRAF), SGRAF's own SGR model is trained on the same data
-with the same updates and batch by `shared/peers/sgraf_train.py` and evaluated with SGRAF's own evaluation code.
+with the same updates and batch by `shared/peers/sgraf_train.py` and evaluated with SGRAF's own evaluation code
+(whose score matrix `sgraf_scores.py` keeps for the twin probe).
 Results are cached per run (`<output_dir>/<variant>/seed<S>/`), so an interrupted study resumes where it stopped.
 
     python benchmarks/ablations.py --output_dir runs/ablations --sgraf_repo SGRAF_GIT_DIR     # all rows x 3 seeds
@@ -26,7 +27,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from modeling_mpsm.common import METRIC_KEYS
+from modeling_mpsm.data.synthetic import twin_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +196,7 @@ def read_json(path):
 
 
 def twin_columns(metrics):
-    """The TWIN_METRICS of one run's evaluation (missing for runs without twin scenes, e.g. SGRAF's own code)."""
+    """The TWIN_METRICS of one run's evaluation (missing for runs without twin scenes)."""
     accuracy = metrics.get("twin_accuracy", {})
     return {name: statistics.fmean(accuracy[kind] for kind in kinds)
             for name, kinds in TWIN_METRICS.items() if all(kind in accuracy for kind in kinds)}
@@ -207,15 +211,19 @@ def evaluate(data_dir, models, result_path, parser):
 
 
 def sgraf_metrics(args, data_dir, seed):
-    """SGRAF's own SGR trained and evaluated by shared/peers/sgraf_train.py with the same data, updates and batch."""
+    """
+    SGRAF's own SGR trained and evaluated by shared/peers/sgraf_train.py with the same data, updates and batch; on
+    twin scenes, the twin probe of the score matrix SGRAF's evaluation computed (kept by `sgraf_scores.py`).
+    """
     folder = run_dir(args, PEER, seed)
     result_path = os.path.join(folder, "test_metrics.json")
-    if not os.path.exists(result_path):
+    if not os.path.exists(result_path) or (has_twins(data_dir) and "twin_accuracy" not in read_json(result_path)):
         os.makedirs(folder, exist_ok=True)
         size = dict(item.split("=", 1) for item in args.model_size)
         script = os.path.join(os.path.dirname(REPO), "shared", "peers", "sgraf_train.py")
-        log_path = os.path.join(folder, "train.log")
-        run([sys.executable, script, args.sgraf_repo, data_dir, "--steps", str(args.max_train_steps),
+        log_path, scores_path = os.path.join(folder, "train.log"), os.path.join(folder, "test_scores.npy")
+        run([sys.executable, os.path.join(REPO, "benchmarks", "sgraf_scores.py"), scores_path,
+             script, args.sgraf_repo, data_dir, "--steps", str(args.max_train_steps),
              "--batch", str(args.batch_size), "--warmup",
              str(warmup_steps(args, data_dir) if args.sgraf_warmup is None else args.sgraf_warmup),
              "--lr", str(args.sgraf_learning_rate or args.learning_rate), "--embed", size.get("embed_size", "128"),
@@ -223,6 +231,9 @@ def sgraf_metrics(args, data_dir, seed):
         with open(log_path, encoding="utf-8") as log:
             output = log.read()
         metrics = json.loads(output[output.rindex('{"i2t_r1"'):].splitlines()[0])  # its one JSON line
+        if has_twins(data_dir):
+            metrics["twin_accuracy"] = twin_accuracy(np.load(scores_path), read_json(
+                os.path.join(data_dir, "test_scenes.json")))
         with open(result_path, "w", encoding="utf-8") as file:
             json.dump(metrics, file, indent=2)
     with open(result_path, encoding="utf-8") as file:

@@ -37,3 +37,35 @@ def test_twin_columns_average_the_attribute_changes():
     summary = ablations.summarise({"MPSM (dis)": runs(ablations, [480, 490], twin)})["MPSM (dis)"]
     assert summary["attribute twins"] == (80.0, 0.0) and summary["relation twins"] == (50.0, 0.0)
     assert summary["count twins"] == (55.0, 0.0)
+
+
+def test_sgraf_launcher_runs_the_peer_script_unchanged_and_keeps_its_score_matrix(tmp_path):
+    """benchmarks/sgraf_scores.py: a stand-in peer script that imports its own `evaluation` module (as
+    shared/peers/sgraf_train.py imports SGRAF's) runs as __main__ with its arguments; the matrix its
+    `shard_attn_scores` returns is used by the script as before and also saved."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (peer / "evaluation.py").write_text(
+        "import numpy as np\n"
+        "def shard_attn_scores(scale):\n"
+        "    return scale * np.arange(6, dtype=np.float64).reshape(2, 3)\n")
+    (peer / "train.py").write_text(
+        "import json, os, sys\n"
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "import evaluation\n"
+        "assert __name__ == '__main__'\n"
+        "sims = evaluation.shard_attn_scores(float(sys.argv[1]))\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'sum': float(sims.sum())}))\n")
+    scores_path = tmp_path / "scores.npy"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "sgraf_scores.py"), str(scores_path),
+                             str(peer / "train.py"), "2.0", "--flag"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '{"argv": ["2.0", "--flag"], "sum": 30.0}'
+    scores = np.load(scores_path)
+    assert scores.dtype == np.float32
+    np.testing.assert_array_equal(scores, 2.0 * np.arange(6).reshape(2, 3))
