@@ -7,8 +7,9 @@
 Every configuration runs in its own process, so that its peak resident memory (`ru_maxrss`) is its own; the processes
 are interleaved over `--rounds` rounds (MPSM, MPSM with checkpointing, SGRAF, MPSM, ...) so that a drift of the
 machine's speed touches all alike; seconds per update are the median over rounds of the mean over `--steps` updates
-after `--warmup` updates (a fresh process's first updates also pay for growing its memory). Batches are the same for all: 36 regions of `--img` features with boxes, captions of
-Flickr30K-like lengths (5-30 words + <start>/<end>, mean ~15), the neighbour-chain dependency graph. SGRAF's SGR is
+after `--warmup` updates (a fresh process's first updates also pay for growing its memory). Batches are the same for
+all: 36 regions of `--img` features with boxes, captions of Flickr30K-like lengths (5-30 words + <start>/<end>, mean
+~15), the neighbour-chain dependency graph. SGRAF's SGR is
 SGRAF's `model.py` from the given git directory, patched only to run on a CPU under Python 3 (as
 `shared/peers/train_speed.py` does), trained with its own `train_emb`; MPSM's update is the package's (its
 `create_optimizer`, fused Adam where the device has it). With `--bf16_rows`, both also run under
@@ -31,6 +32,8 @@ import warnings
 from typing import NamedTuple
 
 import torch
+
+from scoring import matmul_peak  # benchmarks/scoring.py, beside this file
 
 
 def caption_batch(batch, vocab, seed=0):
@@ -130,18 +133,6 @@ class Row(NamedTuple):
     model: str  # "mpsm" or "sgraf"
     checkpointing: bool
     bf16: bool
-
-
-def matmul_peak(dtype, size=2048, repeats=5):
-    """GFLOP/s of a size x size matmul in `dtype` (best of `repeats`), measured now on this machine."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
 
 
 def main(argv=None):
