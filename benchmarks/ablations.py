@@ -160,12 +160,11 @@ def train_and_evaluate(args, data_dir, name, seed):
     parser = variant_parser[0] if variant_parser else args.parser
     folder = run_dir(args, name, seed)
     result_path = os.path.join(folder, "test_metrics.json")
-    if os.path.exists(result_path):
-        with open(result_path, encoding="utf-8") as file:
-            metrics = json.load(file)
-        if "twin_accuracy" in metrics or not has_twins(data_dir):
-            return metrics
-        evaluate(data_dir, [folder], result_path, parser)  # a run from before the twin columns: re-evaluated
+    if is_complete(result_path, data_dir):
+        return read_json(result_path)
+    if os.path.exists(result_path):  # a run from before the twin columns: re-evaluated
+        metrics = read_json(result_path)
+        evaluate(data_dir, [folder], result_path, parser)
         return {**metrics, **read_json(result_path)}
     os.makedirs(folder, exist_ok=True)
     settings = args.model_size + [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
@@ -188,6 +187,11 @@ def train_and_evaluate(args, data_dir, name, seed):
 
 def has_twins(data_dir):
     return os.path.exists(os.path.join(data_dir, "test_scenes.json"))
+
+
+def is_complete(result_path, data_dir):
+    """A cached result exists and has every column this data gives (the twin probe on twin scenes)."""
+    return os.path.exists(result_path) and (not has_twins(data_dir) or "twin_accuracy" in read_json(result_path))
 
 
 def read_json(path):
@@ -217,7 +221,7 @@ def sgraf_metrics(args, data_dir, seed):
     """
     folder = run_dir(args, PEER, seed)
     result_path = os.path.join(folder, "test_metrics.json")
-    if not os.path.exists(result_path) or (has_twins(data_dir) and "twin_accuracy" not in read_json(result_path)):
+    if not is_complete(result_path, data_dir):
         os.makedirs(folder, exist_ok=True)
         size = dict(item.split("=", 1) for item in args.model_size)
         script = os.path.join(os.path.dirname(REPO), "shared", "peers", "sgraf_train.py")
@@ -236,8 +240,7 @@ def sgraf_metrics(args, data_dir, seed):
                 os.path.join(data_dir, "test_scenes.json")))
         with open(result_path, "w", encoding="utf-8") as file:
             json.dump(metrics, file, indent=2)
-    with open(result_path, encoding="utf-8") as file:
-        return json.load(file)
+    return read_json(result_path)
 
 
 def warmup_steps(args, data_dir):
@@ -253,7 +256,7 @@ def run_dir(args, name, seed):
 def ensemble_metrics(args, data_dir, seed):
     folder = run_dir(args, ENSEMBLE, seed)
     result_path = os.path.join(folder, "test_metrics.json")
-    if not os.path.exists(result_path) or (has_twins(data_dir) and "twin_accuracy" not in read_json(result_path)):
+    if not is_complete(result_path, data_dir):
         os.makedirs(folder, exist_ok=True)
         members = [run_dir(args, name, seed) for name in ("MPSM (dis)", "MPSM (dir)")]
         evaluate(data_dir, members, result_path, args.parser)

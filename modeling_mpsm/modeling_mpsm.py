@@ -610,14 +610,16 @@ class MPSMSRGRStep(nn.Module):
         return l2norm(self.merge(refined_forward + refined_backward))  # eq 20, normalised
 
 
-def caption_blocks(order, lengths, num_blocks=None):
+def caption_blocks(order, lengths, floats_per_word):
     """
-    Up to `num_blocks` (default `CAPTION_BLOCKS`) blocks of caption positions, in `order` (ascending length); a block
-    whose longest caption is as long as the previous block's joins it (cutting there saves no padding, e.g. when a
-    scoring block's captions are already of one length). Returns a list of index tensors.
+    Blocks of caption positions, in `order` (ascending length): `CAPTION_BLOCKS`, or more when a block's per-pair
+    tensors ([I, T_b, L_b, d]: `floats_per_word` = I * d floats per word) would exceed `BLOCK_FLOATS`; a block whose
+    longest caption is as long as the previous block's joins it (cutting there saves no padding, e.g. when a scoring
+    block's captions are already of one length). Returns a list of index tensors.
     """
+    num_blocks = max(CAPTION_BLOCKS, math.ceil(floats_per_word * int(lengths.sum()) / BLOCK_FLOATS))
     blocks = []
-    for index in order.tensor_split(min(num_blocks or CAPTION_BLOCKS, len(order))):
+    for index in order.tensor_split(min(num_blocks, len(order))):
         if blocks and lengths[index[-1]] == lengths[blocks[-1][-1]]:
             blocks[-1] = torch.cat([blocks[-1], index])
         elif len(index):
@@ -1066,9 +1068,8 @@ class MPSMModel(MPSMPreTrainedModel):
         words = text.word_embeds.to(dtype)
         lengths = text.attention_mask.sum(1)
         order = lengths.argsort(stable=True)
-        num_blocks = max(CAPTION_BLOCKS, math.ceil(len(regions) * int(lengths.sum()) * words.shape[-1] / BLOCK_FLOATS))
         blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
-        for index in caption_blocks(order, lengths, num_blocks):
+        for index in caption_blocks(order, lengths, floats_per_word=len(regions) * words.shape[-1]):
             num_words = int(lengths[index].max())
             block_regions = regions
             if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]

@@ -732,12 +732,12 @@ def test_caption_blocks_follow_length_and_merge_where_cutting_saves_no_padding(m
 
     monkeypatch.setattr(modeling, "CAPTION_BLOCKS", 4)
     lengths = torch.tensor([2, 9, 4, 7, 3, 9, 5, 6])
-    blocks = modeling.caption_blocks(lengths.argsort(stable=True), lengths)
+    blocks = modeling.caption_blocks(lengths.argsort(stable=True), lengths, 0)
     assert [lengths[block].tolist() for block in blocks] == [[2, 3], [4, 5], [6, 7], [9, 9]]
     uniform = torch.full((10,), 12)  # e.g. a scoring block of captions of one length: one block
-    assert [block.tolist() for block in modeling.caption_blocks(uniform.argsort(stable=True), uniform)] == [list(range(10))]
+    assert [block.tolist() for block in modeling.caption_blocks(uniform.argsort(stable=True), uniform, 0)] == [list(range(10))]
     lengths = torch.tensor([3, 3, 3, 8])  # cuts after the first, second and third captions save nothing
-    assert [lengths[block].tolist() for block in modeling.caption_blocks(lengths.argsort(stable=True), lengths)] == [
+    assert [lengths[block].tolist() for block in modeling.caption_blocks(lengths.argsort(stable=True), lengths, 0)] == [
         [3, 3, 3], [8]]
 
 
@@ -756,8 +756,8 @@ def test_caption_blocks_of_similar_length_give_the_loss_and_gradients_of_one_blo
     results, block_counts = [], []
     original_caption_blocks = modeling.caption_blocks
 
-    def counted_caption_blocks(*args):
-        blocks = original_caption_blocks(*args)
+    def counted_caption_blocks(*args, **kwargs):
+        blocks = original_caption_blocks(*args, **kwargs)
         block_counts.append(len(blocks))
         return blocks
 
