@@ -5,8 +5,11 @@ from transformers import PretrainedConfig
 
 # The similarity perspectives (eq 10-15) by name, with the short name of their model ("dis", "dir"): it names their
 # published variant and their member of the ensemble (MPSM*). Their classes are `SIMILARITY_REPRESENTATIONS` in
-# modeling_mpsm.py.
+# modeling_mpsm.py. A configuration stores the perspectives it was built with (`MPSMConfig.joint_perspectives`,
+# `MPSMEnsembleConfig.members`), so that a checkpoint keeps its own when this table grows.
 PERSPECTIVES = {"distance": "dis", "direction": "dir"}
+# The perspectives of every joint model and ensemble saved before their configurations stored them.
+PERSPECTIVES_BEFORE_STORED = ("distance", "direction")
 
 
 def _integer(low, high=None):
@@ -58,6 +61,7 @@ FIELD_RULES = {
     "hinge_on_logits": _flag,
     "kgid_gate": _flag,
     "spatial_prior": _flag,
+    "spatial_messages": _flag,
     "word_self_attention": _flag,
     "text_guided_image_features": _flag,
     "alignment": _one_of("global", "local", "multi"),
@@ -89,11 +93,17 @@ class MPSMConfig(PretrainedConfig):
         kgid_gate (`bool`): the knowledge gate of eq 6-7; `False` (ablation) lets the disseminated knowledge replace
             each node.
         spatial_prior (`bool`): the visual spatial prior P_v from the boxes (eq 3); `False` (ablation) uses P_v = 1.
+        spatial_messages (`bool`, beyond the paper): before the visual knowledge graph, each region receives what the
+            regions inside its box hold (an item's appearance reaches its owner's node); the identity at
+            initialisation. `MPSMSpatialMessages` argues it.
         srgr_steps (`int`, 3): rounds of similarity-relation graph reconstruction (eq 16-20).
         use_srgr (`bool`): `False` scores the similarity nodes without reasoning (Table 2: w/o SRGR).
         alignment (`str`): "global" (only v̄-t̄), "local" (only word-region nodes) or "multi" (both, the paper's).
         similarity (`str`): a perspective of `PERSPECTIVES`: "distance" (MPSM dis), "direction" (MPSM dir), or
-            "joint" (every perspective's head in one model, loss L_dis + L_dir, score their mean).
+            "joint" (several perspectives' heads in one model, loss L_dis + L_dir, score their mean).
+        joint_perspectives (`list[str]`, *optional*): the perspectives of a joint model (at least two of
+            `PERSPECTIVES`, in order); default: every one of `PERSPECTIVES`. Stored, so that a joint checkpoint keeps
+            its heads when `PERSPECTIVES` grows; None unless `similarity="joint"`.
         lambda_softmax (`float`, 9.0): temperature λ of the graph edges (eq 1, 9) and of the text-guided attention.
         margin (`float`, 0.2): triplet margin γ (eq 21).
         max_violation (`bool`): hardest negatives in the batch (VSE++); `False` sums all violations.
@@ -129,10 +139,12 @@ class MPSMConfig(PretrainedConfig):
         textual_kgid=True,
         kgid_gate=True,
         spatial_prior=True,
+        spatial_messages=False,
         srgr_steps=3,
         use_srgr=True,
         alignment="multi",
         similarity="distance",
+        joint_perspectives=None,
         lambda_softmax=9.0,
         margin=0.2,
         max_violation=True,
@@ -151,12 +163,35 @@ class MPSMConfig(PretrainedConfig):
         settings = locals()
         for name, check in FIELD_RULES.items():
             setattr(self, name, check(name, settings[name]))
+        self.joint_perspectives = self._joint_perspectives(joint_perspectives)
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PretrainedConfig.from_dict`; a joint configuration saved before `joint_perspectives` was stored gets the
+        perspectives of that time, `PERSPECTIVES_BEFORE_STORED` (not every perspective of today's table)."""
+        if config_dict.get("similarity") == "joint" and "joint_perspectives" not in config_dict:
+            config_dict = {**config_dict, "joint_perspectives": list(PERSPECTIVES_BEFORE_STORED)}
+        return super().from_dict(config_dict, **kwargs)
+
+    def _joint_perspectives(self, value):
+        if self.similarity != "joint":
+            if value is not None:
+                raise ValueError(f"`joint_perspectives` applies to similarity='joint', got similarity={self.similarity!r}")
+            return None
+        if value is None:
+            return list(PERSPECTIVES)
+        if (isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) < 2
+                or len(set(value)) != len(value) or not set(value) <= set(PERSPECTIVES)):
+            raise ValueError(f"`joint_perspectives` must list at least two distinct perspectives of "
+                             f"{list(PERSPECTIVES)}, got {value!r}")
+        return list(value)
 
     @property
     def perspectives(self):
-        """The similarity perspectives this model scores with: ("distance",), ("direction",) or all ("joint")."""
-        return tuple(PERSPECTIVES) if self.similarity == "joint" else (self.similarity,)
+        """The similarity perspectives this model scores with: ("distance",), ("direction",) or, for "joint", those of
+        `joint_perspectives`."""
+        return tuple(self.joint_perspectives) if self.similarity == "joint" else (self.similarity,)
 
     @property
     def stream_names(self):
@@ -166,21 +201,30 @@ class MPSMConfig(PretrainedConfig):
 
 class MPSMEnsembleConfig(PretrainedConfig):
     r"""
-    Configuration of [`MPSMEnsembleModel`] (MPSM*): one model per perspective of `PERSPECTIVES`, whose scores are
-    averaged. Each member's configuration is the field `<short name>_config`.
+    Configuration of [`MPSMEnsembleModel`] (MPSM*): one model per perspective, whose scores are averaged. Each member's
+    configuration is the field `<short name>_config`.
 
     Args:
+        members (`list[str]`, *optional*): the members' short names (values of `PERSPECTIVES`), in order; default:
+            those whose `<short name>_config` is given, or every perspective of `PERSPECTIVES` when none is. Stored, so
+            that an ensemble checkpoint keeps its members when `PERSPECTIVES` grows.
         dis_config (`dict` or `MPSMConfig`): configuration of the distance member.
         dir_config (`dict` or `MPSMConfig`): configuration of the direction member.
     """
 
     model_type = "mpsm_ensemble"
+    # every perspective's field; those of perspectives that are not members hold None
     sub_configs = {f"{name}_config": MPSMConfig for name in PERSPECTIVES.values()}
 
-    def __init__(self, **kwargs):
-        for perspective, name in PERSPECTIVES.items():
-            field = f"{name}_config"
-            setattr(self, field, self._member(kwargs.pop(field, None), perspective, field))
+    def __init__(self, members=None, **kwargs):
+        perspectives = {name: perspective for perspective, name in PERSPECTIVES.items()}  # "dis" -> "distance"
+        given = [name for name in perspectives if kwargs.get(f"{name}_config") is not None]
+        self.members = self._members(list(given or perspectives) if members is None else members, perspectives)
+        for name, perspective in perspectives.items():
+            field, config = f"{name}_config", kwargs.pop(f"{name}_config", None)
+            if name not in self.members and config is not None:
+                raise ValueError(f"`{field}` is given but {name!r} is not a member: `members` is {self.members}")
+            setattr(self, field, self._member(config, perspective, field) if name in self.members else None)
         sizes = {f"{name}.vocab_size": config.vocab_size for name, config in self.member_configs.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"the members' vocabulary sizes {sizes} must match: every member reads the same "
@@ -190,7 +234,14 @@ class MPSMEnsembleConfig(PretrainedConfig):
     @property
     def member_configs(self):
         """The members' configurations by short name: {"dis": MPSMConfig, "dir": MPSMConfig}."""
-        return {name: getattr(self, f"{name}_config") for name in PERSPECTIVES.values()}
+        return {name: getattr(self, f"{name}_config") for name in self.members}
+
+    @staticmethod
+    def _members(members, perspectives):
+        if (isinstance(members, str) or not isinstance(members, (list, tuple)) or not members
+                or len(set(members)) != len(members) or not set(members) <= set(perspectives)):
+            raise ValueError(f"`members` must list distinct short names of {list(perspectives)}, got {members!r}")
+        return list(members)
 
     @staticmethod
     def _member(config, similarity, name):

@@ -22,6 +22,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
@@ -46,11 +48,14 @@ class MPSMImageOutput(ModelOutput):
         region_embeds (`torch.FloatTensor` [I, n, d]): ṽ, the L2-normalised regions after visual KGID (zeros on padding).
         region_mask (`torch.BoolTensor` [I, n]): which regions are real.
         image_embeds (`torch.FloatTensor` [I, d]): v̄, the global image feature.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the region node
+            states [I, n, d]: the encoder's V, then the output of each visual KGID layer (before the final l2norm).
     """
 
     region_embeds: torch.FloatTensor = None
     region_mask: torch.BoolTensor = None
     image_embeds: torch.FloatTensor = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -66,6 +71,9 @@ class MPSMTextOutput(ModelOutput):
             ones when that option is off.
         guidance (`torch.FloatTensor` [T, d]): channel gate the caption applies to region features (the
             text-guided region features option), or None when that option is off.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the word node
+            states [T, L, d]: the encoder's T (after word self-attention), then the output of each textual KGID layer
+            (before the final l2norm).
     """
 
     word_embeds: torch.FloatTensor = None
@@ -73,6 +81,7 @@ class MPSMTextOutput(ModelOutput):
     text_embeds: torch.FloatTensor = None
     word_weights: torch.FloatTensor = None
     guidance: torch.FloatTensor = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -86,6 +95,8 @@ class MPSMOutput(ModelOutput):
         logits_per_text (`torch.FloatTensor` [T, I]): the transpose.
         image_embeds (`torch.FloatTensor` [I, d]): v̄.
         text_embeds (`torch.FloatTensor` [T, d]): t̄.
+        image_hidden_states, text_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with
+            `output_hidden_states=True`, the `hidden_states` of `encode_image` and `encode_text`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -93,13 +104,24 @@ class MPSMOutput(ModelOutput):
     logits_per_text: torch.FloatTensor = None
     image_embeds: torch.FloatTensor = None
     text_embeds: torch.FloatTensor = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 # Small helpers ------------------------------------------------------------------------------------------------------
 
 
+def is_tracing():
+    """Whether torch.compile or torch.export is tracing: then nothing may read the values of a tensor (the input checks
+    that do are skipped, and shapes do not follow the data)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def l2norm(x, dim=-1, eps=1e-8):
-    """Divides `x` by its L2 norm along `dim`; zero vectors stay zero."""
+    """Divides `x` by its L2 norm along `dim`; zero vectors stay zero. A float16 `x` is normalised in float32: its
+    squares underflow below 6e-8, and `eps` (and `eps`²) round to 0 in float16, which made padding 0 / 0."""
+    if x.dtype == torch.float16:
+        return l2norm(x.float(), dim, eps).to(x.dtype)
     if dim in (-1, x.dim() - 1):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     # on CPU, `norm` over an inner axis is ~40x slower than a sum of squares (measured on [I, T, L, n] maps)
@@ -129,8 +151,11 @@ def masked_softmax(scores, mask, dim=-1):
 
 
 def real_node_index(mask):
-    """The flat indices of the real nodes of `mask` [B, k] in [B * k], or None when every node is real."""
-    return None if bool(mask.all()) else mask.flatten().nonzero().squeeze(1)
+    """The flat indices of the real nodes of `mask` [B, k] in [B * k], or None when every node is real (or under
+    tracing, where the number of real nodes would be a shape read from the data; padding is masked anyway)."""
+    if is_tracing() or bool(mask.all()):
+        return None
+    return mask.flatten().nonzero().squeeze(1)
 
 
 def linear_on_real_nodes(layer, nodes, real):
@@ -159,7 +184,11 @@ def _as_bool_mask(mask, name, shape):
 
 
 def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim):
-    """Validates the image inputs of MPSM and returns (boxes in [0, 1] or None, region_mask as bool)."""
+    """
+    Validates the image inputs of MPSM and returns (boxes in [0, 1] or None, region_mask as bool). Under tracing
+    (`is_tracing`) only the types and shapes are checked: the checks of the values are skipped.
+    """
+    check_values = not is_tracing()
     if not isinstance(region_features, torch.Tensor) or region_features.dim() != 3:
         shape = tuple(region_features.shape) if isinstance(region_features, torch.Tensor) else type(region_features)
         raise ValueError(f"`region_features` must be a tensor of shape [batch, regions, {img_dim}], got {shape}")
@@ -170,14 +199,16 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
         raise ValueError(f"`region_features` must have {img_dim} features per region (config.img_dim), got {width}")
     if batch == 0 or num_regions == 0:
         raise ValueError(f"`region_features` must hold at least one image with one region, got {tuple(region_features.shape)}")
-    if not torch.isfinite(region_features).all():
+    if check_values and not torch.isfinite(region_features).all():
         raise ValueError("`region_features` contains NaN or Inf values; expected finite features")
     if region_mask is None:
         region_mask = torch.ones(batch, num_regions, dtype=torch.bool, device=region_features.device)
     region_mask = _as_bool_mask(region_mask, "region_mask", (batch, num_regions))
-    empty = (~region_mask.any(1)).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"`region_mask` marks every region as padding for image(s) {empty.tolist()}; expected >= 1 region")
+    if check_values:
+        empty = (~region_mask.any(1)).nonzero().flatten()
+        if len(empty):
+            raise ValueError(f"`region_mask` marks every region as padding for image(s) {empty.tolist()}; "
+                             "expected >= 1 region")
     if boxes is None:
         return None, region_mask
     if boxes.dim() != 3 or boxes.shape[-1] != 4:
@@ -187,27 +218,32 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
             f"`boxes` must match `region_features` in batch and regions: expected [{batch}, {num_regions}, 4], "
             f"got {tuple(boxes.shape)}"
         )
-    if not torch.isfinite(boxes).all():
+    if check_values and not torch.isfinite(boxes).all():
         raise ValueError("`boxes` contains NaN or Inf values")
     boxes = boxes.float()
     if image_sizes is not None:
         if image_sizes.shape != (batch, 2):
             raise ValueError(f"`image_sizes` must have shape [{batch}, 2] as (width, height), got {tuple(image_sizes.shape)}")
-        if (image_sizes <= 0).any():
+        if check_values and (image_sizes <= 0).any():
             raise ValueError("`image_sizes` must be positive (width, height)")
         boxes = boxes / image_sizes.to(boxes).repeat(1, 2).unsqueeze(1)
-    real = region_mask.unsqueeze(-1).expand_as(boxes)
-    if ((boxes < -1e-4) | (boxes > 1 + 1e-4))[real].any():
-        raise ValueError(
-            "`boxes` lie outside the image: expected coordinates in [0, 1], or in pixels within `image_sizes`"
-        )
-    if ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))[region_mask].any():
-        raise ValueError("`boxes` must satisfy x2 >= x1 and y2 >= y1")
+    if check_values:
+        real = region_mask.unsqueeze(-1).expand_as(boxes)
+        if ((boxes < -1e-4) | (boxes > 1 + 1e-4))[real].any():
+            raise ValueError(
+                "`boxes` lie outside the image: expected coordinates in [0, 1], or in pixels within `image_sizes`"
+            )
+        if ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))[region_mask].any():
+            raise ValueError("`boxes` must satisfy x2 >= x1 and y2 >= y1")
     return boxes.clamp(0.0, 1.0).to(region_features.dtype), region_mask
 
 
 def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_size):
-    """Validates the text inputs of MPSM and returns (attention_mask as bool, dependency_adjacency)."""
+    """
+    Validates the text inputs of MPSM and returns (attention_mask as bool, dependency_adjacency). Under tracing
+    (`is_tracing`) only the types and shapes are checked: the checks of the values are skipped.
+    """
+    check_values = not is_tracing()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"`input_ids` must be a tensor of shape [batch, words], got {shape}")
@@ -219,16 +255,17 @@ def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_siz
     if attention_mask is None:
         attention_mask = input_ids != 0
     attention_mask = _as_bool_mask(attention_mask, "attention_mask", (batch, length))
-    empty = (~attention_mask.any(1)).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"`attention_mask` marks caption(s) {empty.tolist()} as empty; expected >= 1 word each")
-    lengths = attention_mask.sum(1)
-    positions = torch.arange(length, device=input_ids.device)
-    if (attention_mask != (positions < lengths[:, None])).any():
-        raise ValueError("`attention_mask` must be right-padded: ones for the words first, then zeros")
-    real_ids = input_ids[attention_mask]
-    if (real_ids < 0).any() or (real_ids >= vocab_size).any():
-        raise ValueError(f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size)")
+    if check_values:
+        empty = (~attention_mask.any(1)).nonzero().flatten()
+        if len(empty):
+            raise ValueError(f"`attention_mask` marks caption(s) {empty.tolist()} as empty; expected >= 1 word each")
+        lengths = attention_mask.sum(1)
+        positions = torch.arange(length, device=input_ids.device)
+        if (attention_mask != (positions < lengths[:, None])).any():
+            raise ValueError("`attention_mask` must be right-padded: ones for the words first, then zeros")
+        real_ids = input_ids[attention_mask]
+        if (real_ids < 0).any() or (real_ids >= vocab_size).any():
+            raise ValueError(f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size)")
     if dependency_adjacency is None:
         return attention_mask, None
     if dependency_adjacency.shape != (batch, length, length):
@@ -236,7 +273,7 @@ def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_siz
             f"`dependency_adjacency` must have shape [{batch}, {length}, {length}] to match `input_ids`, "
             f"got {tuple(dependency_adjacency.shape)}"
         )
-    if not torch.isfinite(dependency_adjacency).all():
+    if check_values and not torch.isfinite(dependency_adjacency).all():
         raise ValueError("`dependency_adjacency` contains NaN or Inf values")
     return attention_mask, dependency_adjacency
 
@@ -265,11 +302,34 @@ class MPSMTextEncoder(nn.Module):
         self.gru = nn.GRU(config.word_dim, config.embed_size, num_layers=1, batch_first=True, bidirectional=True)
 
     def forward(self, input_ids, attention_mask):
-        lengths = attention_mask.sum(1)
-        packed = pack_padded_sequence(self.embed(input_ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=input_ids.shape[1])
-        forward_states, backward_states = hidden.chunk(2, dim=-1)
+        """input_ids [T, L], attention_mask [T, L] (bool, right-padded) -> [T, L, d], padded words zero."""
+        embeds, lengths = self.embed(input_ids), attention_mask.sum(1)
+        if is_tracing():
+            forward_states, backward_states = self.unpacked_gru(embeds, lengths)
+        else:
+            packed = pack_padded_sequence(embeds, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=input_ids.shape[1])
+            forward_states, backward_states = hidden.chunk(2, dim=-1)
         return l2norm((forward_states + backward_states) / 2) * attention_mask.unsqueeze(-1)
+
+    def unpacked_gru(self, embeds, lengths):
+        """
+        The BiGRU's states of the real words without a packed sequence (whose sizes follow the lengths, which
+        torch.export and torch.compile cannot trace): the forward direction reads the right-padded captions; the
+        backward direction reads them left-padded (each row rotated by its padding), so that it starts at the last
+        word, and its states are rotated back. embeds [T, L, c], lengths [T] -> two [T, L, d] (any values on padding).
+        """
+        num_texts, length = embeds.shape[:2]
+        positions = torch.arange(length, device=embeds.device)
+        padding = (length - lengths).unsqueeze(1)  # [T, 1]
+        left_padded = embeds.gather(1, ((positions - padding) % length).unsqueeze(-1).expand_as(embeds))
+        states = self.gru(torch.cat([embeds, left_padded]))[0]
+        forward_states = states[:num_texts].chunk(2, dim=-1)[0]
+        backward_states = states[num_texts:].chunk(2, dim=-1)[1]
+        backward_states = backward_states.gather(
+            1, ((positions + padding) % length).unsqueeze(-1).expand_as(backward_states)
+        )
+        return forward_states, backward_states
 
 
 class MPSMWordSelfAttention(nn.Module):
@@ -324,6 +384,35 @@ class MPSMSpatialKernels(nn.Module):
         return (torch.exp(-0.5 * exponent) * torch.softmax(self.mixture_logits, 0)).sum(-1)
 
 
+class MPSMSpatialMessages(nn.Module):
+    """
+    Beyond the paper (`config.spatial_messages`): region i receives the content of the regions that lie inside its box,
+        m_i = Σ_{j≠i} C_ij x_j / (1 + Σ_{j≠i} C_ij),  C_ij = |b_i ∩ b_j| / |b_j|,   x_i ← x_i + W_m m_i,
+    with W_m zero-initialised, so the layer is the identity at initialisation.
+
+    Why: binding ("a man in a red shirt") is decided by where the boxes lie: the shirt's region lies inside the man's.
+    The paper's KGID cannot carry that: eq 5 re-weights a node's own channels by ρ(A X W) ⊙ X, so a neighbour's
+    content never reaches the node, and P_v only scales the edges of E by one scalar per pair. Here the message is a
+    neighbour's content, weighted by containment, which does not depend on where in the picture the pair lies.
+    regions [I, n, d], boxes [I, n, 4] in [0, 1], mask [I, n] -> [I, n, d].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.message = ZeroInitLinear(config.embed_size, config.embed_size)  # W_m
+
+    def forward(self, regions, boxes, mask):
+        top_left = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+        bottom_right = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+        intersection = (bottom_right - top_left).clamp_min(0).prod(-1)  # [I, n, n]
+        area = (boxes[..., 2:] - boxes[..., :2]).clamp_min(0).prod(-1)  # [I, n]
+        containment = intersection / area.unsqueeze(1).clamp_min(1e-6)  # C_ij: share of box j inside box i
+        others = mask.unsqueeze(1) & mask.unsqueeze(2) & ~torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+        containment = containment * others
+        messages = containment @ regions / (1 + containment.sum(-1, keepdim=True))
+        return regions + self.message(messages) * mask.unsqueeze(-1)
+
+
 def semantic_knowledge_graph(nodes, prior, mask, lambda_softmax):
     """
     Edges of a semantic knowledge graph (eq 1-4).
@@ -339,8 +428,7 @@ def semantic_knowledge_graph(nodes, prior, mask, lambda_softmax):
     """
     pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
     relevance = masked_softmax(lambda_softmax * nodes @ nodes.transpose(1, 2), pair_mask)
-    edges = relevance * prior * pair_mask
-    return edges / edges.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return l2norm(relevance * prior * pair_mask, dim=1)
 
 
 # 3. Knowledge Graph Iterative Dissemination (eq 5-9) ----------------------------------------------------------------
@@ -392,8 +480,9 @@ class MPSMKGIDLayer(nn.Module):
         propagated = adjacency @ linear_on_real_nodes(self.propagation, nodes, real)
         knowledge = size * torch.softmax(propagated, dim=-1) * nodes  # eq 5, ρ = d·softmax
         if self.use_gate:
-            unit = size**0.5 / nodes.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # unit-RMS coordinates
-            gate = torch.sigmoid(knowledge * unit * nodes * unit + nodes * unit)  # eq 6
+            # unit-RMS coordinates x·√d/‖x‖, in float32: a padded node's ‖x‖ is 0 and √d / 1e-8 overflows float16
+            unit = size**0.5 / nodes.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            gate = torch.sigmoid(knowledge * unit * nodes * unit + nodes * unit).to(nodes.dtype)  # eq 6
             gated = gate * knowledge + (1 - gate) * nodes  # eq 7
         else:  # ablation: the disseminated knowledge replaces the node
             gate, gated = torch.ones_like(nodes), knowledge
@@ -402,16 +491,18 @@ class MPSMKGIDLayer(nn.Module):
 
 
 class MPSMKGID(nn.Module):
-    """N KGID layers over one modality: (X⁰ = V or T, A⁰ = E) -> l2norm(X^N), [B, k, d]."""
+    """N KGID layers over one modality: (X⁰ = V or T, A⁰ = E) -> (l2norm(X^N), (X¹, …, X^N)), each [B, k, d]."""
 
     def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList(MPSMKGIDLayer(config, rebuild_adjacency=i > 0) for i in range(config.kgid_layers))
 
     def forward(self, nodes, adjacency, mask, real=None):
+        states = ()  # each layer's output, the hidden states of `output_hidden_states`
         for layer in self.layers:
             nodes, _ = layer(nodes, adjacency, mask, real)
-        return l2norm(nodes) * mask.unsqueeze(-1)
+            states += (nodes,)
+        return l2norm(nodes) * mask.unsqueeze(-1), states
 
 
 # 4. Global features (self-attention pooling, as SGRAF's VisualSA/TextSA) --------------------------------------------
@@ -471,7 +562,7 @@ def cross_attention(queries, query_mask, keys, key_mask, lambda_softmax, queries
     gram_spec = k_pair[:-1] + "c"
     gram = torch.einsum(f"{k_pair},{k_pair.replace('b', 'c')}->{gram_spec}", keys.float(), keys.float())
     squared_norm = (torch.einsum(f"itab,{gram_spec}->itac", attention.float(), gram) * attention).sum(-1, keepdim=True)
-    scale = squared_norm.clamp_min(1e-16).rsqrt().to(attention.dtype)
+    scale = squared_norm.clamp_min(1e-16).rsqrt().clamp_max(torch.finfo(attention.dtype).max).to(attention.dtype)
     attended = torch.einsum(f"itab,{k_pair}->itad", attention * scale, keys)
     return attended, attention
 
@@ -505,7 +596,8 @@ class MPSMDirectionRepresentation(nn.Module):
     def forward(self, x, y):
         """x, y: broadcastable [..., d]."""
         # W_c (x/‖x‖ ⊙ y/‖y‖) + b = (W_c (x ⊙ y)) / (‖x‖‖y‖) + b: one pass over the d-wide inputs instead of three
-        scale = (x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * y.norm(dim=-1, keepdim=True).clamp_min(1e-8)).reciprocal()
+        norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * y.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        scale = norms.reciprocal().clamp_max(torch.finfo(norms.dtype).max)  # finite in float16 for a zero (padded) y
         return l2norm(torch.addcmul(self.proj.bias, F.linear(x * y, self.proj.weight), scale))
 
 
@@ -543,15 +635,20 @@ class MaskedBatchNorm(nn.BatchNorm1d):
         ]
 
 
-class MPSMSRGRStep(nn.Module):
+class MPSMSRGRStep(GradientCheckpointingLayer):
     """
-    One reconstruction round over the similarity nodes of each pair (eq 16-20).
+    One reconstruction round over the similarity nodes of each pair (eq 16-20): `edges` (eq 16) over every block of
+    the batch, then `forward` (eq 17-20) block by block.
 
     Eq 16's "W_out ∈ R^{m×1} … ⊕" is read as GAT-style additive attention: o_a = BN(w_outᵀ s_a), i_b = BN(w_inᵀ s_b),
     E→_ab = σ(o_a + i_b) / Σ_b' σ(o_a + i_b'), E←_ab = σ(i_a + o_b) / Σ_b' σ(i_a + o_b').
     The reconstructed nodes are L2-normalised (as every similarity node of eq 10-15 is): unbounded, eq 20 grew the
     global node's norm 1.0 -> 2.4 over three rounds, the scores started spread and hardest negatives collapsed to
     "all scores equal"; bounded, the read-out starts near one value.
+
+    The blocks share only the batch statistics of eq 16's batch norms, so with gradient checkpointing each block's
+    reconstruction (`forward`, eq 17-20) is recomputed on its own in the backward pass, and the edges are kept (the
+    batch norms see each batch once).
     """
 
     def __init__(self, config):
@@ -583,21 +680,12 @@ class MPSMSRGRStep(nn.Module):
                           backward_edges / backward_edges.sum(-1, keepdim=True)))
         return edges
 
-    def forward(self, blocks, masks, first_only=False, checkpoint=None):
+    def forward(self, nodes, forward_edges, backward_edges, first_only=False):
         """
-        blocks: list of nodes [P_b, K_b, m], masks: list of [P_b, K_b] -> list of [P_b, K_b, m]; with `first_only`,
-        only the first (global) node is reconstructed, [P_b, 1, m] (the last round, whose other nodes the score does
-        not read). The blocks share only the batch statistics of eq 16's batch norms, so with `checkpoint` (gradient
-        checkpointing) each block's reconstruction (eq 17-20) is recomputed on its own in the backward pass.
+        Eq 17-20 for one block: nodes [P, K, m] and its edges (`edges`) [P, K, K] -> [P, K, m]; with `first_only`,
+        only the first (global) node is reconstructed, [P, 1, m] (the last round, whose other nodes the score does
+        not read).
         """
-        reconstructions = []
-        for nodes, edges in zip(blocks, self.edges(blocks, masks)):
-            arguments = (nodes, *edges, first_only)
-            reconstructions.append(checkpoint(self.reconstruct, *arguments) if checkpoint else self.reconstruct(*arguments))
-        return reconstructions
-
-    def reconstruct(self, nodes, forward_edges, backward_edges, first_only):
-        """Eq 17-20 for one block: nodes [P, K, m] and its edges [P, K, K] -> [P, K, m] (or [P, 1, m])."""
         if first_only:
             forward_edges, backward_edges = forward_edges[:, :1], backward_edges[:, :1]
         forward_nodes = self.out_message(forward_edges @ nodes)  # eq 17, E (S Uᵀ) = (E S) Uᵀ
@@ -658,22 +746,20 @@ class MPSMSimilarityHead(nn.Module):
         self.srgr = nn.ModuleList(MPSMSRGRStep(config) for _ in range(config.srgr_steps if config.use_srgr else 0))
         self.evaluate = nn.Linear(config.sim_dim, 1)  # w_eval, b
 
-    def forward(self, nodes, masks, checkpoint=None):
+    def forward(self, nodes, masks):
         """
         SRGR (eq 16-20) and the read-out over the similarity nodes of the pairs of a batch, in blocks of captions of
         similar length (see `MPSMModel.pair_logits`).
 
         Args:
             nodes: list of [P_b, K_b, m] similarity nodes per block (`similarity_nodes`); masks: list of [P_b, K_b].
-            checkpoint (*optional*): `checkpoint(function, *args)` to recompute each SRGR round's reconstructions, block
-                by block, in the backward pass instead of keeping their intermediates (gradient checkpointing).
         Returns:
             list of `torch.FloatTensor` [P_b]: the logits of each block; the scores are their σ.
         """
         read_global = self.use_srgr and self.global_similarity is not None
         for index, step in enumerate(self.srgr):
             first_only = read_global and index == len(self.srgr) - 1
-            nodes = step(nodes, masks, first_only, checkpoint)
+            nodes = [step(block, *edges, first_only) for block, edges in zip(nodes, step.edges(nodes, masks))]
         # read out in the eval layer's dtype: reduced-precision scoring keeps this layer in float32, since bf16 scores
         # in (0, 1) have a spacing of ~0.004 and would tie near the top of a ranking
         readouts = [block[:, 0] if read_global else masked_mean(block, mask) for block, mask in zip(nodes, masks)]
@@ -700,6 +786,57 @@ class MPSMSimilarityHead(nn.Module):
             nodes.append(local_nodes)
             masks.append(block.local_mask)
         return (torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0]), torch.cat(masks, 1)
+
+
+class MPSMPairNodes(GradientCheckpointingLayer):
+    """
+    The per-pair work of one stream on one block of captions: cross attention (step 5), then each perspective's
+    similarity nodes (eq 10-15). It has no weights of its own (those of eq 10-15 are the heads'): it is the segment
+    that gradient checkpointing recomputes in the backward pass, so that of a block only its inputs and nodes
+    [P, K, m] are kept, not its [I, T_b, L_b, d] intermediates.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.alignment = config.alignment
+        self.lambda_softmax = config.lambda_softmax
+        self.word_self_attention = config.word_self_attention
+
+    def forward(self, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds, stream="t2i",
+                heads=()):
+        """
+        Args:
+            regions [I, n, d] (or [I, T, n, d] with text-guided region features), region_mask [I, n], words [T, L, d],
+            word_mask [T, L], word_weights [T, L], image_embeds [I, d], text_embeds [T, d]: the tensors, positional
+            (a reentrant checkpoint passes the gradient to positional arguments only).
+            stream (`str`): "t2i" (words attend to regions, the paper) or "i2t".
+            heads: the stream's `MPSMSimilarityHead` of each perspective.
+        Returns:
+            `tuple[torch.Tensor]`: per head, its nodes [P, K, m] and their mask [P, K], one after the other.
+        """
+        block = self.pair_block(stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
+        return tuple(tensor for head in heads for tensor in head.similarity_nodes(block))
+
+    def pair_block(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+        """The inputs of the similarity nodes of every image against a block of T captions (step 5), a `PairBlock`."""
+        num_images, num_texts = len(region_mask), len(word_mask)
+        pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
+        global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
+        if self.alignment == "global":
+            return PairBlock(None, None, None, global_pair)
+        if stream == "t2i":  # words attend to regions (the paper)
+            attended, _ = cross_attention(words, word_mask, regions, region_mask, self.lambda_softmax, False)
+            local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+            local_weights = (  # word self-attention weighs the word nodes; otherwise `local_mask` alone drops padding
+                word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
+                if self.word_self_attention else None
+            )
+            return PairBlock((attended, words), local_mask, local_weights, global_pair)  # [I, T, L, d], [T, L, d]
+        # two-stream reasoning: regions attend to words
+        attended, _ = cross_attention(regions, region_mask, words, word_mask, self.lambda_softmax, True)
+        target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
+        local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
+        return PairBlock((attended, target), local_mask, None, global_pair)
 
 
 # 8. Losses (eq 21 and the options) ----------------------------------------------------------------------------------
@@ -829,6 +966,11 @@ def _save_retrieval_pipeline(model, save_directory, is_main_process):
         custom_object_save(MPSMRetrievalPipeline, save_directory)
 
 
+def _or_config(value, config, name):
+    """`value`, or the configuration's setting `name` (`return_dict`, `output_hidden_states`) when it is None."""
+    return getattr(config, name) if value is None else value
+
+
 def _forward_needs_both(input_ids, region_features):
     """The error of `forward` called without one of the modalities, e.g. by the 'feature-extraction' pipeline."""
     if region_features is None:
@@ -873,8 +1015,9 @@ class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
     # `activation_checkpointing_enable()` recomputes the per-pair part in the backward pass instead of keeping its
-    # intermediates, in segments of one block of captions: cross attention + similarity nodes ([I, T_b, L_b, d]), then
-    # each SRGR round's eq 17-20 (its eq 16 edges, coupled across blocks by the batch norms, are kept)
+    # intermediates, in segments of one block of captions, its `GradientCheckpointingLayer`s: cross attention +
+    # similarity nodes ([I, T_b, L_b, d], `MPSMPairNodes`), then each SRGR round's eq 17-20 (`MPSMSRGRStep`; its eq 16
+    # edges, coupled across blocks by the batch norms, are kept)
     supports_gradient_checkpointing = True
     # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
     _keep_in_fp32_modules_strict = ["evaluate"]
@@ -938,6 +1081,7 @@ class MPSMModel(MPSMPreTrainedModel):
         self.spatial_kernels = (
             MPSMSpatialKernels(config) if config.visual_kgid and config.kgid_layers and config.spatial_prior else None
         )
+        self.spatial_messages = MPSMSpatialMessages(config) if config.spatial_messages else None
         self.visual_kgid = MPSMKGID(config) if config.visual_kgid and config.kgid_layers else None
         self.textual_kgid = MPSMKGID(config) if config.textual_kgid and config.kgid_layers else None
         self.image_attention = MPSMGlobalAttention(config)
@@ -945,6 +1089,7 @@ class MPSMModel(MPSMPreTrainedModel):
         self.text_guidance = (
             nn.Linear(config.embed_size, config.embed_size) if config.text_guided_image_features else None
         )
+        self.pair_nodes = MPSMPairNodes(config)
         self.heads = nn.ModuleDict(
             {
                 f"{stream}_{perspective}": MPSMSimilarityHead(config, perspective)
@@ -954,7 +1099,6 @@ class MPSMModel(MPSMPreTrainedModel):
         )
         self.criterion = MPSMRetrievalLoss(config)
         self._warned_no_boxes = False
-        self.gradient_checkpointing = False
         self.post_init()
 
     def members(self):
@@ -968,16 +1112,38 @@ class MPSMModel(MPSMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.text_encoder.embed = value
 
-    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None):
-        """CLIP-style alias: the global image features v̄ [I, d] of `encode_image`."""
-        return self.encode_image(region_features, boxes, region_mask, image_sizes).image_embeds
+    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None,
+                           output_hidden_states=None, return_dict=None) -> BaseModelOutputWithPooling | tuple:
+        """
+        The image features of `encode_image` in the CLIP convention: `pooler_output` is the global image feature v̄
+        [I, d], `last_hidden_state` the region nodes ṽ [I, n, d] and, with `output_hidden_states`, `hidden_states`
+        the node states of the visual KGID layers (see `MPSMImageOutput`). `return_dict=False` gives the tuple of the
+        non-None fields; both default to the configuration's setting.
+        """
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=image.region_embeds, pooler_output=image.image_embeds, hidden_states=image.hidden_states
+        )
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
-    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None):
-        """CLIP-style alias: the global caption features t̄ [T, d] of `encode_text`."""
-        return self.encode_text(input_ids, attention_mask, dependency_adjacency).text_embeds
+    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
+                          return_dict=None) -> BaseModelOutputWithPooling | tuple:
+        """
+        The caption features of `encode_text` in the CLIP convention: `pooler_output` is the global caption feature t̄
+        [T, d], `last_hidden_state` the word nodes t̃ [T, L, d] and, with `output_hidden_states`, `hidden_states` the
+        node states of the textual KGID layers (see `MPSMTextOutput`). `return_dict=False` gives the tuple of the
+        non-None fields; both default to the configuration's setting.
+        """
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=text.word_embeds, pooler_output=text.text_embeds, hidden_states=text.hidden_states
+        )
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
     # ---------------------------------------------------------------- per item: images
-    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
+    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, output_hidden_states=False):
         """
         Encoder, visual knowledge graph, visual KGID and global feature of each image (computed once per image).
 
@@ -987,6 +1153,7 @@ class MPSMModel(MPSMPreTrainedModel):
                 Without boxes the spatial prior is all ones (with a warning).
             region_mask (`torch.LongTensor` [I, n], *optional*): 1 for real regions, 0 for padding.
             image_sizes (`torch.LongTensor` [I, 2], *optional*): (width, height) in pixels.
+            output_hidden_states (`bool`): also return the region node states (V, then each KGID layer's output).
         Returns:
             [`MPSMImageOutput`].
         """
@@ -994,7 +1161,10 @@ class MPSMModel(MPSMPreTrainedModel):
             region_features = region_features.to(self.image_encoder.fc.weight.dtype)  # e.g. float64 numpy features
         boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
         regions = self.image_encoder(region_features, region_mask)
+        if self.spatial_messages is not None and boxes is not None:
+            regions = self.spatial_messages(regions, boxes, region_mask)
         real = real_node_index(region_mask)  # the per-region maps skip the padding (None: every region is real)
+        hidden_states = (regions,)
         if self.visual_kgid is not None:
             if self.spatial_kernels is None:  # ablation: no spatial prior, P_v = 1
                 prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
@@ -1006,12 +1176,18 @@ class MPSMModel(MPSMPreTrainedModel):
             else:
                 prior = self.spatial_kernels(boxes)
             graph = semantic_knowledge_graph(regions, prior, region_mask, self.config.lambda_softmax)
-            regions = self.visual_kgid(regions, graph, region_mask, real)
+            regions, states = self.visual_kgid(regions, graph, region_mask, real)
+            hidden_states += states
         image_embeds, _ = self.image_attention(regions, region_mask, real)
-        return MPSMImageOutput(region_embeds=regions, region_mask=region_mask, image_embeds=image_embeds)
+        return MPSMImageOutput(
+            region_embeds=regions,
+            region_mask=region_mask,
+            image_embeds=image_embeds,
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
 
     # ---------------------------------------------------------------- per item: captions
-    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None):
+    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=False):
         """
         Encoder, textual knowledge graph, textual KGID and global feature of each caption (computed once per caption).
 
@@ -1019,6 +1195,7 @@ class MPSMModel(MPSMPreTrainedModel):
             input_ids (`torch.LongTensor` [T, L]): word ids, right-padded with 0.
             attention_mask (`torch.LongTensor` [T, L], *optional*): 1 for words, 0 for padding.
             dependency_adjacency (`torch.FloatTensor` [T, L, L], *optional*): P_t; identity + neighbours if missing.
+            output_hidden_states (`bool`): also return the word node states (T, then each KGID layer's output).
         Returns:
             [`MPSMTextOutput`].
         """
@@ -1030,11 +1207,13 @@ class MPSMModel(MPSMPreTrainedModel):
         word_weights = attention_mask.to(words.dtype)
         if self.word_self_attention is not None:
             words, word_weights = self.word_self_attention(words, attention_mask)
+        hidden_states = (words,)
         if self.textual_kgid is not None:
             if adjacency is None:
                 adjacency = chain_adjacency(attention_mask).to(words.dtype)
             graph = semantic_knowledge_graph(words, adjacency.to(words.dtype), attention_mask, self.config.lambda_softmax)
-            words = self.textual_kgid(words, graph, attention_mask, real)
+            words, states = self.textual_kgid(words, graph, attention_mask, real)
+            hidden_states += states
         text_embeds, _ = self.text_attention(words, attention_mask, real)
         guidance = torch.sigmoid(self.text_guidance(text_embeds)) if self.text_guidance is not None else None
         return MPSMTextOutput(
@@ -1043,6 +1222,7 @@ class MPSMModel(MPSMPreTrainedModel):
             text_embeds=text_embeds,
             word_weights=word_weights,
             guidance=guidance,
+            hidden_states=hidden_states if output_hidden_states else None,
         )
 
     # ---------------------------------------------------------------- per pair
@@ -1056,21 +1236,28 @@ class MPSMModel(MPSMPreTrainedModel):
         twice the work at Flickr30K's caption lengths): `CAPTION_BLOCKS` blocks, or more so that a block's
         [I, T_b, L_b, d] tensors hold about `BLOCK_FLOATS` floats (at paper size, batch 128: 64 blocks instead of 8,
         a third less time per update). The blocks share SRGR's batch statistics, so the logits are those of one
-        block. Region padding beyond the largest count is dropped.
+        block. Region padding beyond the largest count is dropped. Under tracing (torch.export, torch.compile), where
+        these cuts would be shapes read from the data, the captions run as one uncut block (the padding is masked).
         Returns:
             `dict[str, torch.FloatTensor]`: perspective -> [I, T] logits (mean over streams).
         """
-        num_regions = int(image.region_mask.sum(1).max())
+        lengths = text.attention_mask.sum(1)
+        if is_tracing():
+            num_regions, order = image.region_mask.shape[1], None
+        else:
+            num_regions, order = int(image.region_mask.sum(1).max()), lengths.argsort(stable=True)
         # one dtype for both sides: e.g. a float32 gallery against a query encoded under bf16 autocast
         dtype = torch.promote_types(image.region_embeds.dtype, text.word_embeds.dtype)
         regions, region_mask = image.region_embeds[:, :num_regions].to(dtype), image.region_mask[:, :num_regions]
         image_embeds, text_embeds = image.image_embeds.to(dtype), text.text_embeds.to(dtype)
         words = text.word_embeds.to(dtype)
-        lengths = text.attention_mask.sum(1)
-        order = lengths.argsort(stable=True)
+        if order is None:
+            caption_index = [(slice(None), words.shape[1])]
+        else:  # (captions, their longest length) per block
+            caption_index = [(index, int(lengths[index].max()))
+                             for index in caption_blocks(order, lengths, floats_per_word=len(regions) * words.shape[-1])]
         blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
-        for index in caption_blocks(order, lengths, floats_per_word=len(regions) * words.shape[-1]):
-            num_words = int(lengths[index].max())
+        for index, num_words in caption_index:
             block_regions = regions
             if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]
                 guidance = text.guidance[index].to(dtype)[None, :, None, :]
@@ -1082,6 +1269,8 @@ class MPSMModel(MPSMPreTrainedModel):
             for perspective, value in zip(self.config.perspectives,
                                           self.stream_logits(stream, region_mask, image_embeds, *blocks)):
                 logits[perspective] = logits.get(perspective, 0) + value / len(self.config.stream_names)
+        if order is None:
+            return logits
         inverse = order.argsort()  # back to the captions' order
         return {perspective: value[:, inverse] for perspective, value in logits.items()}
 
@@ -1096,53 +1285,24 @@ class MPSMModel(MPSMPreTrainedModel):
             `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`, the blocks'
             captions side by side.
         """
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        checkpoint = self._gradient_checkpointing_func if checkpointing else None
+        heads = [self.heads[f"{stream}_{perspective}"] for perspective in self.config.perspectives]
         perspective_nodes = {perspective: ([], []) for perspective in self.config.perspectives}
         for regions, words, word_mask, word_weights, text_embeds in zip(*[iter(blocks)] * 5):
-            arguments = (stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
-            # checkpointed block by block: the [I, T_b, L_b, d] intermediates of one block at a time are kept
-            block_nodes = checkpoint(self.block_nodes, *arguments) if checkpoint else self.block_nodes(*arguments)
-            for perspective, (nodes, mask) in zip(self.config.perspectives, block_nodes):
+            # block by block (a checkpointed layer: with gradient checkpointing, the [I, T_b, L_b, d] intermediates of
+            # one block at a time are kept)
+            block_nodes = self.pair_nodes(regions, region_mask, words, word_mask, word_weights, image_embeds,
+                                          text_embeds, stream=stream, heads=heads)
+            for perspective, nodes, mask in zip(self.config.perspectives, block_nodes[::2], block_nodes[1::2]):
                 perspective_nodes[perspective][0].append(nodes)
                 perspective_nodes[perspective][1].append(mask)
         num_images, sizes = len(region_mask), [len(text_embeds) for text_embeds in blocks[4::5]]
         return tuple(
             torch.cat([
                 logits.view(num_images, size)
-                for logits, size in zip(self.heads[f"{stream}_{perspective}"](nodes, masks, checkpoint), sizes)
+                for logits, size in zip(head(nodes, masks), sizes)
             ], dim=1)
-            for perspective, (nodes, masks) in perspective_nodes.items()
+            for head, (nodes, masks) in zip(heads, perspective_nodes.values())
         )
-
-    def block_nodes(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
-        """Cross attention (step 5) and the similarity nodes (eq 10-15) of every image against one block of captions:
-        per perspective, (nodes [P, K, m], mask [P, K])."""
-        block = self.pair_block(stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
-        return tuple(
-            self.heads[f"{stream}_{perspective}"].similarity_nodes(block) for perspective in self.config.perspectives
-        )
-
-    def pair_block(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
-        """The inputs of the similarity nodes of every image against a block of T captions (step 5), a `PairBlock`."""
-        num_images, num_texts = len(region_mask), len(word_mask)
-        pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
-        global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
-        if self.config.alignment == "global":
-            return PairBlock(None, None, None, global_pair)
-        if stream == "t2i":  # words attend to regions (the paper)
-            attended, _ = cross_attention(words, word_mask, regions, region_mask, self.config.lambda_softmax, False)
-            local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-            local_weights = (  # word self-attention weighs the word nodes; otherwise `local_mask` alone drops padding
-                word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
-                if self.config.word_self_attention else None
-            )
-            return PairBlock((attended, words), local_mask, local_weights, global_pair)  # [I, T, L, d], [T, L, d]
-        # two-stream reasoning: regions attend to words
-        attended, _ = cross_attention(regions, region_mask, words, word_mask, self.config.lambda_softmax, True)
-        target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
-        local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
-        return PairBlock((attended, target), local_mask, None, global_pair)
 
     @staticmethod
     def scores_from_logits(logits):
@@ -1172,20 +1332,23 @@ class MPSMModel(MPSMPreTrainedModel):
         image_sizes=None,
         image_ids=None,
         return_loss=None,
+        output_hidden_states=None,
         return_dict=None,
     ) -> MPSMOutput | tuple:
         """
         Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
         caption i are the positive pairs; `self.criterion` is the loss and holds its mode, hardest negatives or the sum
         of violations). Argument shapes as in `encode_image` and `encode_text`; `image_ids` [B] marks captions of the
-        same image (not negatives of each other). Unknown arguments
-        are refused by name (a `TypeError`, as in every transformers model); `return_dict=False` returns the tuple
-        of the output's non-None fields.
+        same image (not negatives of each other). Unknown arguments are refused by name (a `TypeError`, as in every
+        transformers model). `output_hidden_states=True` adds the node states of `encode_image` and `encode_text`;
+        `return_dict=False` returns the tuple of the output's non-None fields (both default to the configuration's
+        setting).
         """
         if input_ids is None or region_features is None:
             raise _forward_needs_both(input_ids, region_features)
-        image = self.encode_image(region_features, boxes, region_mask, image_sizes)
-        text = self.encode_text(input_ids, attention_mask, dependency_adjacency)
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states)
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states)
         logits = self.pair_logits(image, text)
         logits_per_image = self.scores_from_logits(logits)
         loss = self.criterion(logits, image, text, image_ids) if return_loss else None
@@ -1195,8 +1358,10 @@ class MPSMModel(MPSMPreTrainedModel):
             logits_per_text=logits_per_image.T,
             image_embeds=image.image_embeds,
             text_embeds=text.text_embeds,
+            image_hidden_states=image.hidden_states,
+            text_hidden_states=text.hidden_states,
         )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
 
 def chain_adjacency(attention_mask):
@@ -1257,7 +1422,8 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
                 raise ValueError(f"`{argument}` is the {name} member and must have similarity="
                                  f"{perspectives[name]!r}, got similarity={model.config.similarity!r}")
         models = {name: model for name, (_, model) in arguments.items()}
-        ensemble = cls(MPSMEnsembleConfig(**{f"{name}_config": m.config.to_dict() for name, m in models.items()}))
+        ensemble = cls(MPSMEnsembleConfig(members=list(models),
+                                          **{f"{name}_config": m.config.to_dict() for name, m in models.items()}))
         for name, member in ensemble.members().items():
             member.load_state_dict(models[name].state_dict())
         return ensemble.to(next(iter(models.values())).device)
@@ -1296,20 +1462,40 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
         scores = [member.similarity(image[name], text[name]) for name, member in self.members().items()]
         return sum(scores) / len(scores)
 
-    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None):
-        """The members' global image features side by side, [I, 2d] (as `forward`'s `image_embeds`)."""
-        return torch.cat([member.get_image_features(region_features, boxes, region_mask, image_sizes)
-                          for member in self.members().values()], -1)
+    def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None,
+                           output_hidden_states=None, return_dict=None) -> BaseModelOutputWithPooling | tuple:
+        """The members' `get_image_features` side by side: `pooler_output` [I, 2d] (as `forward`'s `image_embeds`),
+        `last_hidden_state` [I, n, 2d] and the `hidden_states` layer by layer."""
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        outputs = [member.get_image_features(region_features, boxes, region_mask, image_sizes, output_hidden_states,
+                                             return_dict=True) for member in self.members().values()]
+        return self._side_by_side(outputs, return_dict)
 
-    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None):
-        """The members' global caption features side by side, [T, 2d] (as `forward`'s `text_embeds`)."""
-        return torch.cat([member.get_text_features(input_ids, attention_mask, dependency_adjacency)
-                          for member in self.members().values()], -1)
+    def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
+                          return_dict=None) -> BaseModelOutputWithPooling | tuple:
+        """The members' `get_text_features` side by side: `pooler_output` [T, 2d] (as `forward`'s `text_embeds`),
+        `last_hidden_state` [T, L, 2d] and the `hidden_states` layer by layer."""
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        outputs = [member.get_text_features(input_ids, attention_mask, dependency_adjacency, output_hidden_states,
+                                            return_dict=True) for member in self.members().values()]
+        return self._side_by_side(outputs, return_dict)
 
-    def forward(self, return_loss=None, return_dict=None, **inputs) -> MPSMOutput | tuple:
-        """Scores with the mean of the members; the loss (when asked) is the sum of the members' losses. `inputs` are
-        `MPSMModel.forward`'s arguments (unknown names are refused there)."""
-        outputs = [member(return_loss=return_loss, return_dict=True, **inputs) for member in self.members().values()]
+    def _side_by_side(self, outputs, return_dict):
+        """The members' `BaseModelOutputWithPooling`s as one, each field concatenated along the features."""
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=torch.cat([output.last_hidden_state for output in outputs], -1),
+            pooler_output=torch.cat([output.pooler_output for output in outputs], -1),
+            hidden_states=_states_side_by_side([output.hidden_states for output in outputs]),
+        )
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
+
+    def forward(self, return_loss=None, output_hidden_states=None, return_dict=None, **inputs) -> MPSMOutput | tuple:
+        """Scores with the mean of the members; the loss (when asked) is the sum of the members' losses; the embeddings
+        and hidden states are the members' side by side. `inputs` are `MPSMModel.forward`'s arguments (unknown names
+        are refused there)."""
+        output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        outputs = [member(return_loss=return_loss, output_hidden_states=output_hidden_states, return_dict=True, **inputs)
+                   for member in self.members().values()]
         logits_per_image = sum(output.logits_per_image for output in outputs) / len(outputs)
         output = MPSMOutput(
             loss=sum(output.loss for output in outputs) if return_loss else None,
@@ -1317,5 +1503,18 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
             logits_per_text=logits_per_image.T,
             image_embeds=torch.cat([output.image_embeds for output in outputs], -1),
             text_embeds=torch.cat([output.text_embeds for output in outputs], -1),
+            image_hidden_states=_states_side_by_side([output.image_hidden_states for output in outputs]),
+            text_hidden_states=_states_side_by_side([output.text_hidden_states for output in outputs]),
         )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
+
+
+def _states_side_by_side(members_states):
+    """The members' hidden states (a tuple of [B, k, d] each, or None) concatenated along the features, state by
+    state -> a tuple of [B, k, d * members], or None."""
+    if members_states[0] is None:
+        return None
+    if len({len(states) for states in members_states}) > 1:
+        raise ValueError(f"the ensemble's hidden states are its members' side by side, state by state, but its members "
+                         f"have {[len(states) for states in members_states]} states (different KGID layers)")
+    return tuple(torch.cat(states, -1) for states in zip(*members_states))

@@ -183,7 +183,7 @@ def test_kgid_is_the_identity_at_initialisation():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     nodes = nodes * mask.unsqueeze(-1)
     graph = semantic_knowledge_graph(nodes, torch.rand(2, 5, 5), mask, 9.0)
-    torch.testing.assert_close(model.visual_kgid(nodes, graph, mask), nodes, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.visual_kgid(nodes, graph, mask)[0], nodes, atol=1e-6, rtol=0)
 
 
 def test_kgid_knowledge_is_of_the_order_of_the_node():
@@ -288,6 +288,11 @@ def srgr_case(seed):
     return step, nodes, mask
 
 
+def srgr_round(step, blocks, masks, first_only=False):
+    """One SRGR round over blocks of pairs: the edges of every block (eq 16), then each block's eq 17-20."""
+    return [step(nodes, *edges, first_only) for nodes, edges in zip(blocks, step.edges(blocks, masks))]
+
+
 def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
     step, nodes, mask = srgr_case(0)
     [(forward_edges, backward_edges)] = step.edges([nodes], [mask])
@@ -299,7 +304,7 @@ def test_srgr_edge_rows_sum_to_one_over_valid_nodes():
     i = step.in_norm([step.in_score(nodes).squeeze(-1)], [mask])[0][0]
     expected = torch.sigmoid(i[:, None] + o[None, :])
     assert torch.allclose(backward_edges[0], expected / expected.sum(-1, keepdim=True), atol=1e-6)
-    [out] = step([nodes], [mask])
+    [out] = srgr_round(step, [nodes], [mask])
     assert out.shape == nodes.shape and torch.isfinite(out).all()
 
 
@@ -314,11 +319,11 @@ def test_srgr_step_matches_eq_17_to_20_written_out_with_and_without_autograd():
     expected = (forward_nodes + backward_nodes) @ step.merge.weight.T + step.merge.bias  # eq 20
     expected = expected / expected.norm(dim=-1, keepdim=True)  # bounded nodes
     with torch.no_grad():  # matmuls accumulate in place
-        torch.testing.assert_close(step([nodes], [mask])[0], expected.detach(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(step([nodes], [mask], first_only=True)[0], expected[:, :1].detach(), atol=1e-6,
-                                   rtol=0)
-    torch.testing.assert_close(step([nodes], [mask])[0], expected, atol=1e-6, rtol=0)  # autograd: out of place
-    gradient = torch.autograd.grad(step([nodes], [mask])[0].sum(), step.gate.weight)[0]
+        torch.testing.assert_close(srgr_round(step, [nodes], [mask])[0], expected.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(srgr_round(step, [nodes], [mask], first_only=True)[0], expected[:, :1].detach(),
+                                   atol=1e-6, rtol=0)
+    torch.testing.assert_close(srgr_round(step, [nodes], [mask])[0], expected, atol=1e-6, rtol=0)  # autograd: out of place
+    gradient = torch.autograd.grad(srgr_round(step, [nodes], [mask])[0].sum(), step.gate.weight)[0]
     torch.testing.assert_close(gradient, torch.autograd.grad(expected.sum(), step.gate.weight)[0])
 
 
@@ -330,7 +335,7 @@ def test_srgr_nodes_stay_bounded_and_scores_start_near_one_value():
     nodes = torch.nn.functional.normalize(torch.randn(64, 7, 16), dim=-1)
     mask = torch.ones(64, 7, dtype=torch.bool)
     for step in head.srgr:
-        [nodes] = step([nodes], [mask])
+        [nodes] = srgr_round(step, [nodes], [mask])
         torch.testing.assert_close(nodes.norm(dim=-1), torch.ones(64, 7))
     batch = make_batch(batch=6, seed=4)
     with torch.no_grad():
@@ -695,9 +700,9 @@ def test_input_embeddings_resize_and_clip_style_feature_aliases():
     with torch.no_grad():
         image = model.encode_image(batch["region_features"], batch["boxes"])
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        torch.testing.assert_close(model.get_image_features(batch["region_features"], batch["boxes"]),
+        torch.testing.assert_close(model.get_image_features(batch["region_features"], batch["boxes"]).pooler_output,
                                    image.image_embeds)
-        torch.testing.assert_close(model.get_text_features(batch["input_ids"], batch["attention_mask"]),
+        torch.testing.assert_close(model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output,
                                    text.text_embeds)
 
 
