@@ -34,11 +34,12 @@ from modeling_mpsm.data.synthetic import twin_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Which change between twin scenes a model reads (`twin_accuracy` of evaluate_mpsm.py): % of captions that score their
-# own image above its twin, per kind of change; ~50 when blind to it, ~80 when reading it (2 of 5 captions do not
-# mention the change).
-TWIN_METRICS = {"relation twins": ("relation",), "count twins": ("count",),
-                "attribute twins": ("color", "size", "material")}
+# Which change between twin scenes a model reads (`twin_accuracy` of evaluate_mpsm.py): % of the captions that mention
+# the change scoring their own image above its twin, per kind of change; ~50 when blind to it, ~100 when reading it.
+# The people scenes have binding, colour, count and relation twins; the objects scenes colour, size, material, count
+# and relation twins.
+TWIN_METRICS = {"binding twins": ("binding",), "colour twins": ("color",), "count twins": ("count",),
+                "relation twins": ("relation",), "attribute twins": ("color", "size", "material")}
 METRICS = METRIC_KEYS + tuple(TWIN_METRICS)
 
 # name -> (table, --similarity, --set overrides[, --parser]); "MPSM (dis)" is the reference every table compares against.
@@ -60,6 +61,7 @@ VARIANTS = {
     "global alignment": ("alignment", "distance", {"alignment": "global"}),
     "local alignment": ("alignment", "distance", {"alignment": "local"}),
     "4 KGID": ("kgid layers", "distance", {"kgid_layers": 4}),
+    "spatial messages": ("beyond the paper", "distance", {"spatial_messages": True}),
     "MPSM (joint)": ("perspective", "joint", {}),
     "fine-grained labels": ("other papers' options", "distance", {"loss_type": "both"}),
     "two-stream reasoning": ("other papers' options", "distance", {"streams": "both"}),
@@ -70,8 +72,8 @@ VARIANTS = {
 OTHER_PAPERS_OPTIONS = [name for name, spec in VARIANTS.items() if spec[0] == "other papers' options"]
 ENSEMBLE = "MPSM* (dis + dir)"
 PEER = "SGRAF (its own code)"
-TABLE_ORDER = ("modules", "kgid layers", "priors", "alignment", "perspective", "loss", "other papers' options", "ensemble",
-               "peer")
+TABLE_ORDER = ("modules", "kgid layers", "priors", "alignment", "perspective", "loss", "beyond the paper",
+               "other papers' options", "ensemble", "peer")
 # The paper's claims (Tables 2-4, Figure 3, §4.2) and this package's, as (better, worse, source).
 CLAIMS = [
     ("MPSM (dis)", "w/o KGID", "Table 2: KGID helps"),
@@ -95,6 +97,9 @@ CLAIMS = [
     ("MPSM (dis)", "chain graph instead of the parse", "package: the dependency parse P_t beats a neighbour chain"),
     ("MPSM (dis)", "w/o KGID gate", "package: the eq 6-7 gate helps"),
     ("MPSM (dis)", "sum of violations only", "package: hardest negatives after the warm-up beat the sum of violations"),
+    ("spatial messages", "MPSM (dis)", "beyond the paper: spatial messages beat the paper's KGID"),
+    ("spatial messages", "w/o KGID", "beyond the paper: spatial messages + KGID beat no KGID"),
+    ("spatial messages", PEER, "beyond the paper: spatial messages beat SGRAF"),
 ]
 
 
@@ -118,9 +123,10 @@ def parse_args():
                         help="SGRAF's sum-of-violations updates before hardest negatives (default: one epoch, as MPSM's).")
     parser.add_argument("--sgraf_learning_rate", type=float,
                         help="SGRAF's learning rate (default: the one every MPSM variant uses, --learning_rate).")
-    parser.add_argument("--twin_batches", action="store_true",
-                        help="Batch every caption with a caption of its image's twin (train_mpsm.py --partners "
-                             "train_scenes.json), so that the twin is an in-batch negative (MPSM rows only).")
+    parser.add_argument("--batches", choices=("random", "twins", "captions"), default="random",
+                        help="random; twins: every caption batched with a caption of its image's twin (the scene "
+                             "records); captions: with its partner mined from the training captions "
+                             "(modeling_mpsm.partners). The same partner file feeds every row, SGRAF's included.")
     parser.add_argument("--quick", action="store_true", help="One seed and 100 steps.")
     parser.add_argument("--summarise_only", action="store_true",
                         help="Build the table from the finished runs only (an interrupted study), training nothing.")
@@ -148,10 +154,29 @@ def make_data(output_dir):
     data_dir = os.path.join(output_dir, "data")
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         os.makedirs(output_dir, exist_ok=True)
-        run([sys.executable, "-m", "modeling_mpsm.data.synthetic", "--output_dir", data_dir, "--num_train", "1500",
-             "--num_dev", "100", "--num_test", "300", "--feature_dim", "256", "--seed", "1234"],
+        run([sys.executable, "-m", "modeling_mpsm.data.synthetic", "--output_dir", data_dir, "--num_train", "3000",
+             "--num_dev", "200", "--num_test", "500", "--feature_dim", "1024", "--seed", "1234"],
             os.path.join(output_dir, "data.log"))
     return data_dir
+
+
+def partner_file(args, data_dir):
+    """The partner list (one partner image index per training image) that `--batches` asks for, written once into
+    the data folder; None for random batches."""
+    if args.batches == "random":
+        return None
+    path = os.path.join(data_dir, f"train_partners_{args.batches}.json")
+    if not os.path.exists(path):
+        if args.batches == "twins":
+            partners = [record["twin"] for record in read_json(os.path.join(data_dir, "train_scenes.json"))]
+        else:
+            from modeling_mpsm.partners import mine_caption_partners
+
+            with open(os.path.join(data_dir, "train_caps.txt"), encoding="utf-8") as file:
+                partners = mine_caption_partners(file.read().splitlines())
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(partners, file)
+    return path
 
 
 def train_and_evaluate(args, data_dir, name, seed):
@@ -173,7 +198,7 @@ def train_and_evaluate(args, data_dir, name, seed):
          "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
          "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate), "--seed", str(seed),
          "--parser", parser, "--max_eval_images", "100", "--cpu"]
-        + (["--partners", os.path.join(data_dir, "train_scenes.json")] if args.twin_batches else []),
+        + (["--partners", partner_file(args, data_dir)] if args.batches != "random" else []),
         os.path.join(folder, "train.log"))
     train_seconds = time.time() - started
     evaluate(data_dir, [folder], result_path, parser)
@@ -207,11 +232,8 @@ def twin_columns(metrics):
 
 
 def evaluate(data_dir, models, result_path, parser):
-    command = [sys.executable, "examples/evaluate_mpsm.py", "--model", models[0], "--data_dir", data_dir,
-               "--split", "test", "--output_json", result_path, "--parser", parser, "--cpu"]
-    if len(models) > 1:
-        command += ["--model2", models[1]]
-    run(command, result_path + ".log")
+    run([sys.executable, "examples/evaluate_mpsm.py", "--model", *models, "--data_dir", data_dir, "--split", "test",
+         "--output_json", result_path, "--parser", parser, "--cpu"], result_path + ".log")
 
 
 def sgraf_metrics(args, data_dir, seed):
@@ -231,7 +253,8 @@ def sgraf_metrics(args, data_dir, seed):
              "--batch", str(args.batch_size), "--warmup",
              str(warmup_steps(args, data_dir) if args.sgraf_warmup is None else args.sgraf_warmup),
              "--lr", str(args.sgraf_learning_rate or args.learning_rate), "--embed", size.get("embed_size", "128"),
-             "--sim", size.get("sim_dim", "32"), "--word", size.get("word_dim", "64"), "--seed", str(seed)], log_path)
+             "--sim", size.get("sim_dim", "32"), "--word", size.get("word_dim", "64"), "--seed", str(seed)]
+            + (["--partners", partner_file(args, data_dir)] if args.batches != "random" else []), log_path)
         with open(log_path, encoding="utf-8") as log:
             output = log.read()
         metrics = json.loads(output[output.rindex('{"i2t_r1"'):].splitlines()[0])  # its one JSON line
@@ -285,8 +308,7 @@ def summarise(results):
 
 def markdown_table(summary, seeds, steps):
     lines = [
-        f"Mean ± standard deviation over the seeds run (of {seeds}); {steps} updates per variant; synthetic test split "
-        "(300 images x 1,500 captions).",
+        f"Mean ± standard deviation over the seeds run (of {seeds}); {steps} updates per variant; synthetic test split.",
         "",
         "| table | variant | seeds | " + " | ".join(METRICS) + " |",
         "|---|---|---|" + "---|" * len(METRICS),
@@ -325,6 +347,19 @@ def read_claims(summary, results):
             paired_verdict = verdict(mean, 2 * spread)
         lines.append(f"| {source} | {better} | {worse} | {gap:+.1f} | {noise:.1f} | {verdict(gap, noise)} | {paired} | "
                      f"{paired_verdict if len(differences) > 1 else '–'} |")
+    return "\n".join(lines)
+
+
+def oracle_table(data_dir):
+    """What the test split lets a reader tell apart without training (`modeling_mpsm.data.oracles`), per twin kind."""
+    from modeling_mpsm.data.oracles import oracle_twin_accuracy
+
+    accuracy = oracle_twin_accuracy(data_dir, "test")
+    kinds = sorted({kind for values in accuracy.values() for kind in values})
+    lines = ["Oracle readers (no training; % of the captions that mention the change read right, ties one half):", "",
+             "| reader | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {reader} | " + " | ".join(f"{values[kind]:.1f}" for kind in kinds) + " |"
+              for reader, values in accuracy.items()]
     return "\n".join(lines)
 
 
@@ -384,6 +419,8 @@ def main():
         results[ENSEMBLE] = [{**ensemble_metrics(args, data_dir, seed), "seed": seed} for seed in seeds]
     summary = summarise(results)
     table = markdown_table(summary, args.seeds, args.max_train_steps) + "\n\n" + read_claims(summary, results)
+    if read_json(os.path.join(data_dir, "meta.json")).get("grammar") == "people":
+        table += "\n\n" + oracle_table(data_dir)
     print(table)
     with open(os.path.join(args.output_dir, "ablations.md"), "w", encoding="utf-8") as file:
         file.write(table + "\n")

@@ -69,3 +69,31 @@ def test_sgraf_launcher_runs_the_peer_script_unchanged_and_keeps_its_score_matri
     scores = np.load(scores_path)
     assert scores.dtype == np.float32
     np.testing.assert_array_equal(scores, 2.0 * np.arange(6).reshape(2, 3))
+
+
+def test_partner_file_for_every_row_from_the_twin_records_or_the_captions(tmp_path):
+    """--batches twins: the twin of each training image from its scene record; --batches captions: partners mined
+    from the captions (mutual pairs); random: none. The file is written once and reused."""
+    import argparse
+    import json
+
+    ablations = load_ablations()
+    records = [{"twin": 1}, {"twin": 0}, {"twin": 3}, {"twin": 2}]
+    (tmp_path / "train_scenes.json").write_text(json.dumps(records))
+    (tmp_path / "train_caps.txt").write_text(
+        "\n".join(["a man in a red shirt"] * 5 + ["a dog runs on the beach"] * 5
+                  + ["a man in a red shirt walks"] * 5 + ["a dog runs on the sand"] * 5) + "\n")
+    twins = ablations.partner_file(argparse.Namespace(batches="twins"), str(tmp_path))
+    assert json.loads(open(twins).read()) == [1, 0, 3, 2]
+    mined = ablations.partner_file(argparse.Namespace(batches="captions"), str(tmp_path))
+    assert json.loads(open(mined).read()) == [2, 3, 0, 1]
+    assert ablations.partner_file(argparse.Namespace(batches="random"), str(tmp_path)) is None
+
+
+def test_oracle_table_reads_the_people_scenes(tmp_path):
+    from modeling_mpsm.data import synthetic
+
+    ablations = load_ablations()
+    synthetic.generate(str(tmp_path), seed=1, num_train=2, num_dev=2, num_test=60, feature_dim=64, num_regions=12)
+    table = ablations.oracle_table(str(tmp_path))
+    assert "| bag of regions |" in table and "| regions with boxes |" in table and "binding" in table

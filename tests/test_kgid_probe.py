@@ -1,0 +1,49 @@
+"""benchmarks/kgid_probe.py on a tiny model: every row runs on today's model (the 'every adjacency = I' row broke when
+`adaptive_adjacency` gained `real`), the first row is the model's own evaluation, and the rows change what they say."""
+
+import importlib.util
+import json
+import os
+
+import torch
+
+from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
+from modeling_mpsm.data import load_split, synthetic
+from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm.evaluation import evaluate_retrieval
+from modeling_mpsm.processing_mpsm import get_dependency_parser
+
+SPEC = importlib.util.spec_from_file_location(
+    "kgid_probe", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kgid_probe.py"))
+kgid_probe = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(kgid_probe)
+
+
+def test_every_probe_row_runs_and_the_first_is_the_plain_evaluation(tmp_path):
+    data_dir, model_dir = tmp_path / "scenes", tmp_path / "model"
+    synthetic.generate(str(data_dir), seed=2, num_train=4, num_dev=2, num_test=12, feature_dim=16, num_regions=8)
+    dataset = load_split(str(data_dir), "test", parser=get_dependency_parser("fallback"))
+    vocabulary = build_vocabulary([c for captions in dataset["captions"] for c in captions], min_count=1)
+    processor = MPSMProcessor(build_tokenizer(vocabulary), num_regions=8, dependency_parser="fallback")
+    torch.manual_seed(0)
+    model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=len(vocabulary), word_dim=8, embed_size=16, sim_dim=8,
+                                 kgid_layers=2, srgr_steps=1, spatial_messages=True))
+    with torch.no_grad():  # messages that are not zero, so that switching them off or moving the boxes shows
+        model.spatial_messages.message.weight.normal_(0, 0.5)
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    output = tmp_path / "probe.json"
+    kgid_probe.main(["--model", str(model_dir), "--data_dir", str(data_dir), "--parser", "fallback",
+                     "--output_json", str(output)])
+    rows = json.loads(output.read_text())
+    assert list(rows) == ["trained model", "E = I (layer 0's graph)", "every adjacency = I", "P_v = 1",
+                          "boxes of another image", "spatial messages off", "visual KGID removed",
+                          "textual KGID removed"]
+    reloaded = MPSMModel.from_pretrained(model_dir).eval()
+    assert rows["trained model"]["rsum"] == evaluate_retrieval(reloaded, dataset, processor, progress=False)["rsum"]
+    assert set(rows["trained model"]["twin_accuracy"]) <= {"binding", "color", "count", "relation"}
+    features, boxes = torch.rand(3, 8, 16), torch.rand(3, 8, 2).repeat(1, 1, 2) * torch.tensor([0.5, 0.5, 1, 1])
+    plain = reloaded.encode_image(features, boxes).image_embeds
+    with kgid_probe.shuffled_boxes(reloaded):
+        moved = reloaded.encode_image(features, boxes).image_embeds
+    assert not torch.allclose(plain, moved)
