@@ -26,15 +26,16 @@ import sys
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.common import CAPTIONS_PER_IMAGE
+from modeling_mpsm.common import CAPTIONS_PER_IMAGE, atomic_write_text
 from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
+from modeling_mpsm.partners import global_image_embeddings, mine_caption_partners, mine_embedding_partners
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import publish
 from modeling_mpsm.training import (
@@ -42,6 +43,7 @@ from modeling_mpsm.training import (
     EpochSampler,
     LoopSettings,
     NonFiniteLossError,
+    PartnerRefresh,
     PartnerSampler,
     TrainingLog,
     TrainingState,
@@ -57,6 +59,8 @@ from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary, loa
 
 
 logger = get_logger(__name__)
+MINED_PARTNERS = ("captions", "embeddings")  # --partners values that mine the partners instead of reading them
+PARTNERS_FILE = "partners.json"  # the mined partners, in the output folder (SGRAF's peer script reads this format)
 MODEL_FIELDS = set(inspect.signature(MPSMConfig.__init__).parameters) - {"self", "kwargs"}
 
 # Numeric flags and what they must be, checked after the command line and --config are merged (before torch or
@@ -65,7 +69,7 @@ POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "lr_decay_factor")  # > 0 (--g
 NON_NEGATIVE_NUMBERS = ("weight_decay", "sum_violation_warmup_epochs")  # >= 0
 POSITIVE_INTEGERS = ("num_epochs", "max_train_steps", "batch_size", "gradient_accumulation_steps",
                      "checkpoints_total_limit", "eval_steps", "eval_batch_size", "max_eval_images", "logging_steps",
-                     "max_nonfinite_steps", "vocab_min_count")  # >= 1 when given
+                     "max_nonfinite_steps", "vocab_min_count", "partner_refresh_steps")  # >= 1 when given
 NON_NEGATIVE_INTEGERS = ("seed", "warmup_steps", "num_workers")  # >= 0 when given
 
 
@@ -150,10 +154,16 @@ def _add_optimization_arguments(parser):
                        help="Updates trained with the sum-of-violations loss before hardest negatives.")
     group.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
                        help="Warm-up length in epochs when --warmup_steps is not given.")
-    group.add_argument("--partners", metavar="JSON",
+    group.add_argument("--partners", metavar="JSON|captions|embeddings",
                        help="Batch every caption next to a caption of its image's partner (a near-duplicate image), so "
                             "that the partner is an in-batch negative: a JSON list with the partner index of each "
-                            "training image (-1: none), or the synthetic scenes' train_scenes.json (their twins).")
+                            "training image (-1: none), or the synthetic scenes' train_scenes.json (their twins); "
+                            "'captions': mined once from the training captions (TF-IDF); 'embeddings': mined from the "
+                            "model's global image embeddings every --partner_refresh_steps updates (the caption-mined "
+                            "ones until the first time). Mined partners are written to OUTPUT_DIR/partners.json.")
+    group.add_argument("--partner_refresh_steps", type=int,
+                       help="With --partners embeddings: mine the partners again every N updates (default: once per "
+                            "epoch, at its end).")
 
 
 def _add_checkpoint_and_validation_arguments(parser):
@@ -237,6 +247,8 @@ def _check_settings(parser, args):
     check_numbers(parser, args)
     if args.partners and args.batch_size % 2:
         parser.error(f"--partners needs an even --batch_size (captions come in partner pairs), got {args.batch_size}.")
+    if args.partner_refresh_steps is not None and args.partners != "embeddings":
+        parser.error(f"--partner_refresh_steps applies to --partners embeddings, got --partners {args.partners}.")
     hub_id_parts = (args.hub_model_id or "").split("/")
     if args.push_to_hub and not (len(hub_id_parts) == 2 and all(hub_id_parts)):
         parser.error(f"--push_to_hub needs --hub_model_id ORG/NAME, got {args.hub_model_id!r}.")
@@ -280,10 +292,47 @@ def read_partners(path, num_images):
     return partners
 
 
-def build_dataloader(args, train, processor):
+def first_partners(args, train, accelerator=None):
+    """The partners a run starts with: --partners JSON read, or (captions, embeddings) mined from the training
+    captions on the main process and broadcast, so that every process batches the same pairs."""
+    if args.partners not in MINED_PARTNERS:
+        return read_partners(args.partners, len(train))
+    return main_process_partners(accelerator, lambda: mine_caption_partners(
+        [caption for captions in train["captions"] for caption in captions], CAPTIONS_PER_IMAGE))
+
+
+def main_process_partners(accelerator, mine):
+    """`mine()` on the main process (or without an accelerator), its partners broadcast to the others."""
+    if accelerator is None:
+        return mine()
+    partners = [mine() if accelerator.is_main_process else None]
+    return broadcast_object_list(partners)[0]
+
+
+def write_partners(accelerator, output_dir, partners):
+    """The mined partners to OUTPUT_DIR/partners.json (main process; atomic), for SGRAF's peer script --partners."""
+    if accelerator.is_main_process:
+        atomic_write_text(os.path.join(output_dir, PARTNERS_FILE), json.dumps(partners))
+
+
+def partner_refresh(args, accelerator, sampler, model, train, processor, updates_per_epoch):
+    """--partners embeddings: partners mined from the model's global image embeddings of the training images (on the
+    main process, from the weights every process shares) every --partner_refresh_steps updates, written to
+    partners.json each time."""
+
+    def mine():
+        partners = main_process_partners(accelerator, lambda: mine_embedding_partners(
+            global_image_embeddings(model, train, processor, args.eval_batch_size)))
+        write_partners(accelerator, args.output_dir, partners)
+        return partners
+
+    return PartnerRefresh(sampler, mine, args.partner_refresh_steps or updates_per_epoch)
+
+
+def build_dataloader(args, train, processor, accelerator=None):
     dataset = CaptionPairDataset(train)
     if args.partners:
-        sampler = PartnerSampler(read_partners(args.partners, len(train)), CAPTIONS_PER_IMAGE, args.seed)
+        sampler = PartnerSampler(first_partners(args, train, accelerator), CAPTIONS_PER_IMAGE, args.seed)
     else:
         sampler = EpochSampler(len(dataset), args.seed)
     return torch.utils.data.DataLoader(
@@ -346,7 +395,8 @@ def run(args, accelerator):
     model = build_model(args, img_dim, len(processor.tokenizer))
     config = model.config
 
-    dataloader = build_dataloader(args, train, processor)
+    dataloader = build_dataloader(args, train, processor, accelerator)
+    sampler = dataloader.sampler
     optimizer = create_optimizer(model.to(accelerator.device), args.learning_rate, args.weight_decay,
                                  fused=accelerator.scaler is None)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -360,11 +410,18 @@ def run(args, accelerator):
     scheduler = step_decay_schedule(optimizer, updates_per_epoch, args.lr_decay_epochs, args.lr_decay_factor)
     state = TrainingState()
     accelerator.register_for_checkpointing(scheduler, state)
+    unwrapped = accelerator.unwrap_model(model)
+    refresh = None
+    if args.partners == "embeddings":  # the partners change as training goes: the sampler's state is the run's
+        refresh = partner_refresh(args, accelerator, sampler, unwrapped, train, processor, updates_per_epoch)
+        accelerator.register_for_checkpointing(sampler)
 
     log = TrainingLog(output_dir, enabled=accelerator.is_main_process)
     if checkpoint:
         load_checkpoint(accelerator, checkpoint, state)
     log.restart_at(state.global_step)
+    if args.partners in MINED_PARTNERS:
+        write_partners(accelerator, output_dir, sampler.partners)
     if args.with_tracking:
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
@@ -374,7 +431,6 @@ def run(args, accelerator):
             json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
 
     settings = loop_settings(args, updates_per_epoch)
-    unwrapped = accelerator.unwrap_model(model)
     if args.max_eval_images:
         dev = dev.select(range(min(args.max_eval_images, len(dev))))
 
@@ -389,7 +445,8 @@ def run(args, accelerator):
             logger.info(f"New best rsum {results['rsum']:.2f} at step {results['step']}: saved to {output_dir}")
         accelerator.wait_for_everyone()
 
-    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log)
+    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log,
+                       refresh)
     logger.info(
         f"Done: {state.global_step} updates, best rsum {state.best_rsum:.2f} at step {state.best_step}, "
         f"{state.nonfinite_steps} non-finite batches skipped, {state.overflow_steps} fp16 overflow updates skipped by "

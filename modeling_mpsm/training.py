@@ -7,7 +7,8 @@ Exact resumption rests on four things, all in the checkpoint written by `save_ch
 model, optimizer and schedule (`accelerator.save_state`), the RNG states of every process (dropout), and a
 `TrainingState` holding the step and the position in the epoch. The data order of an epoch is a permutation seeded by
 `(seed, epoch)` (`EpochSampler`), so a resumed run replays the same epoch and skips the batches already seen with
-`accelerator.skip_first_batches`.
+`accelerator.skip_first_batches`. With partners mined again during training (`PartnerRefresh`), the `PartnerSampler`'s
+state (the epoch's partners and where each took over) is a fifth thing in the checkpoint.
 """
 
 import dataclasses
@@ -108,6 +109,12 @@ class PartnerSampler(EpochSampler):
     negatives almost never pair an image with a near-duplicate, so without this the loss never asks the model to tell
     "a car left of a dog" from "a car right of a dog"; with it, it does in every batch.
 
+    `replace_partners` changes the partners during training (partners mined again from the model being trained,
+    `examples/train_mpsm.py --partners embeddings`): the captions already drawn in the epoch keep their places, the
+    rest of the epoch is arranged with the new partners. The epoch's partners and where each took over are the
+    sampler's state (`state_dict`, saved in checkpoints), so the order of an epoch depends only on the seed, the epoch
+    and that state.
+
     Args:
         partners (`list[int]`): per image, the index of its partner image, or -1 (the image's captions come last).
         captions_per_image (`int`): items `k * i ... k * i + k - 1` are image i's captions.
@@ -115,24 +122,75 @@ class PartnerSampler(EpochSampler):
 
     def __init__(self, partners: list[int], captions_per_image: int, seed: int = 0):
         super().__init__(len(partners) * captions_per_image, seed)
-        for image, partner in enumerate(partners):
-            if partner >= 0 and (partner >= len(partners) or partners[partner] != image):
-                raise ValueError(f"`partners` must pair images both ways: image {image} -> {partner} -> "
-                                 f"{partners[partner] if 0 <= partner < len(partners) else 'outside the split'}")
-        self.pairs = [(image, partner) for image, partner in enumerate(partners) if image < partner]
-        self.singles = [image for image, partner in enumerate(partners) if partner < 0]
         self.captions_per_image = captions_per_image
+        self.partners = check_partners(partners, len(partners))
+        self.segments = [(0, self.partners)]  # (position in the epoch's order, the partners from there on)
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:  # a new epoch is arranged with the current partners only
+            self.segments = [(0, self.partners)]
+        super().set_epoch(epoch)
+
+    def replace_partners(self, partners: list[int], position: int):
+        """The new `partners` arrange the current epoch from item `position` of its order on (the items before it,
+        already drawn, keep their places)."""
+        partners = check_partners(partners, len(self.partners))
+        if not self.segments[-1][0] <= position <= self.num_items:
+            raise ValueError(f"`position` must lie between {self.segments[-1][0]} (where the current partners took "
+                             f"over) and {self.num_items} (the epoch's items), got {position}")
+        self.partners = partners
+        self.segments = [segment for segment in self.segments if segment[0] < position] + [(position, partners)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "segments": [[position, list(partners)] for position, partners in self.segments]}
+
+    def load_state_dict(self, state: dict):
+        self.epoch = state["epoch"]
+        self.segments = [(position, check_partners(partners, len(self.partners)))
+                         for position, partners in state["segments"]]
+        self.partners = self.segments[-1][1]
 
     def __iter__(self):
         generator = self.epoch_generator()
+        order = []
+        for position, partners in self.segments:
+            free = torch.ones(self.num_items, dtype=torch.bool)
+            free[order[:position]] = False
+            order = order[:position] + self._arrange(partners, free.tolist(), generator)
+        return iter(order)
+
+    def _arrange(self, partners: list[int], free: list[bool], generator: torch.Generator) -> list[int]:
+        """The `free` captions in pairs (a caption of an image, a caption of its partner) in random order, then those
+        without a partner's caption (of unpaired images, or one image's extra captions) in order."""
         k = self.captions_per_image
-        units = []  # (a caption of image i, a caption of its partner), each caption of both images once
-        for image, partner in self.pairs:
-            shuffled = torch.randperm(k, generator=generator).tolist()
-            units += [(k * image + caption, k * partner + shuffled[caption]) for caption in range(k)]
+        units, singles = [], []
+        for image, partner in enumerate(partners):
+            own = [caption for caption in range(k * image, k * image + k) if free[caption]]
+            if partner < 0:
+                singles += own
+            elif image < partner:
+                theirs = [caption for caption in range(k * partner, k * partner + k) if free[caption]]
+                theirs = [theirs[i] for i in torch.randperm(len(theirs), generator=generator).tolist()]
+                units += zip(own, theirs)
+                singles += own[len(theirs):] + theirs[len(own):]
         order = torch.randperm(len(units), generator=generator).tolist()
-        singles = [k * image + caption for image in self.singles for caption in range(k)]
-        return iter([item for unit in order for item in units[unit]] + singles)
+        return [item for unit in order for item in units[unit]] + sorted(singles)
+
+
+def check_partners(partners: list[int], num_images: int) -> list[int]:
+    """`partners` as a list if it gives each of `num_images` images a partner image that has it as its partner, or
+    -1; otherwise a `ValueError` naming the first image that breaks the rule."""
+    partners = list(partners)
+    if len(partners) != num_images or not all(isinstance(partner, int) for partner in partners):
+        raise ValueError(f"`partners` must list one partner index (int) per image ({num_images}), got "
+                         f"{len(partners)} entries")
+    for image, partner in enumerate(partners):
+        if partner == image:
+            raise ValueError(f"`partners` must pair each image with another one, got image {image} -> {image}")
+        if partner >= 0 and (partner >= num_images or partners[partner] != image):
+            raise ValueError(f"`partners` must pair images both ways: image {image} -> {partner} -> "
+                             f"{partners[partner] if 0 <= partner < num_images else 'outside the split'}")
+    return partners
 
 
 def create_optimizer(
@@ -367,6 +425,20 @@ class LoopSettings:
     max_nonfinite_steps: int = 10
 
 
+@dataclasses.dataclass
+class PartnerRefresh:
+    """
+    Partners mined again as training goes (`examples/train_mpsm.py --partners embeddings`): after every `every`-th
+    update (but the last), `mine()` replaces the partners of `sampler`, the training data loader's `PartnerSampler`,
+    from the next batch on. `mine` is called on every process and must return the same partners on each (e.g. mined
+    on the main process and broadcast), and must not draw from the global random number generators.
+    """
+
+    sampler: PartnerSampler
+    mine: Callable[[], list[int]]
+    every: int
+
+
 def _all_finite(accelerator, value: torch.Tensor) -> bool:
     """Whether `value` is finite on every process (one decision for all, so that they skip the same steps)."""
     flag = torch.isfinite(value.detach()).all().float().reshape(1)
@@ -463,6 +535,7 @@ def train_loop(
     validate: Callable[[], dict],
     save_best: Callable[[dict], None],
     log: TrainingLog,
+    refresh: PartnerRefresh | None = None,
 ) -> TrainingState:
     """
     Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
@@ -470,10 +543,12 @@ def train_loop(
     Each batch (`_Loop.train_batch`): set the loss mode (`set_loss_mode`: sum of violations during the warm-up, then
     hardest negatives), forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at
     an update, if the gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
-    the schedule; every `eval_steps` updates and at the end of each epoch: `validate()` (metrics with `rsum`, the same
-    on every process) and, on a new best rsum, `save_best(metrics)`. Checkpoints every `checkpointing_steps` updates
-    (or each epoch) and at the end. Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row,
-    leaving the last checkpoint as it was.
+    the schedule; with a `refresh`, every `refresh.every` updates, new partners for the rest of the epoch (its
+    iteration starts again after the batches already drawn); every `eval_steps` updates and at the end of each epoch:
+    `validate()` (metrics with `rsum`, the same on every process) and, on a new best rsum, `save_best(metrics)`.
+    Checkpoints every `checkpointing_steps` updates (or each epoch) and at the end, after that update's new partners.
+    Raises `NonFiniteLossError` after `max_nonfinite_steps` skipped batches in a row, leaving the last checkpoint as it
+    was.
 
     Args:
         model, optimizer, dataloader: prepared by `accelerator` (the dataloader's sampler an `EpochSampler`, its
@@ -481,16 +556,20 @@ def train_loop(
             registered for checkpointing, like `state`.
         validate: returns the validation metrics of the current model (called on every process).
         save_best: saves the current model as the best (called on every process).
+        refresh: partners mined again every `refresh.every` updates; its sampler must be registered for
+            checkpointing (`accelerator.register_for_checkpointing`), so that a resumed run has the same partners.
     """
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.gradient_accumulation_steps)
     max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
-    loop = _Loop(accelerator, model, optimizer, scheduler, state, settings, validate, save_best, log, max_steps)
+    loop = _Loop(accelerator, model, optimizer, scheduler, state, settings, validate, save_best, log, max_steps,
+                 refresh, dataloader.total_batch_size)
     model.train()
     while state.global_step < max_steps and state.epoch < num_epochs:
         dataloader.set_epoch(state.epoch)
         skipped = state.batches_in_epoch
         batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
+        loop.partners_replaced = False
         for batch in batches:
             outputs, max_violation = loop.train_batch(batch)
             if not accelerator.sync_gradients:
@@ -498,6 +577,8 @@ def train_loop(
             loop.finish_update(outputs, max_violation)
             if state.global_step >= max_steps:
                 break
+            if loop.partners_replaced and state.batches_in_epoch < len(dataloader):
+                break  # the rest of the epoch in the new partners' order
         else:  # the epoch ran to its end
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if loop.last_validation != state.global_step:
@@ -515,10 +596,12 @@ def train_loop(
 
 class _Loop:
     """What `train_loop` works with and keeps between batches: the prepared objects, the progress bar, the finite
-    losses since the last log record, and the steps of the last validation and checkpoint."""
+    losses since the last log record, the steps of the last validation and checkpoint, and whether new partners
+    replaced the sampler's since the epoch's iteration began."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, state: TrainingState, settings: LoopSettings,
-                 validate: Callable[[], dict], save_best: Callable[[dict], None], log: TrainingLog, max_steps: int):
+                 validate: Callable[[], dict], save_best: Callable[[dict], None], log: TrainingLog, max_steps: int,
+                 refresh: PartnerRefresh | None, items_per_batch: int):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.unwrapped = accelerator.unwrap_model(model)
         self.state, self.settings, self.validate, self.save_best, self.log = state, settings, validate, save_best, log
@@ -528,6 +611,8 @@ class _Loop:
         self.window = []  # finite losses since the last log record
         self.warned_collapse = False
         self.last_validation = self.last_checkpoint = None
+        self.refresh, self.items_per_batch = refresh, items_per_batch  # items: a batch of every process
+        self.partners_replaced = False
 
     def train_batch(self, batch):
         """One batch: the loss mode of the current update (`set_loss_mode`), forward and `_apply_update`; a finite
@@ -547,8 +632,8 @@ class _Loop:
         return outputs, max_violation
 
     def finish_update(self, outputs, max_violation: bool):
-        """After an optimizer update: count it, step the schedule, then the log record, validation and checkpoint
-        that fall on this step."""
+        """After an optimizer update: count it, step the schedule, then the log record, new partners, validation and
+        checkpoint that fall on this step."""
         state, settings = self.state, self.settings
         state.global_step += 1
         self.scheduler.step()
@@ -561,10 +646,22 @@ class _Loop:
             if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
                 self.warned_collapse = True
                 _warn_collapse(state.global_step)
+        if self.refresh and state.global_step % self.refresh.every == 0 and state.global_step < self.max_steps:
+            self.replace_partners()
         if settings.eval_steps and state.global_step % settings.eval_steps == 0:
             self.run_validation()
         if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
             self.checkpoint()
+
+    def replace_partners(self):
+        """`refresh.mine()` replaces the sampler's partners after the batches drawn so far in the epoch (by every
+        process); the log records the share of images whose partner stayed the same."""
+        state, sampler = self.state, self.refresh.sampler
+        previous, partners = sampler.partners, self.refresh.mine()
+        sampler.replace_partners(partners, state.batches_in_epoch * self.items_per_batch)
+        self.partners_replaced = True
+        kept = sum(old == new for old, new in zip(previous, partners)) / max(len(partners), 1)
+        self.log.write({"step": state.global_step, "epoch": state.epoch, "partners_kept": kept})
 
     def run_validation(self):
         """`validate()` with the buffers synced; logs the metrics and, on a new best rsum, `save_best`."""
