@@ -391,7 +391,9 @@ def main():
     args = parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir = args.data_dir or make_data(args.output_dir)
-    names = [name for name in VARIANTS if (name in args.variants if args.variants else name not in OTHER_PAPERS_OPTIONS)]
+    # rows in the order --variants names them (the first ones finish first in an interrupted study)
+    order = args.variants or [name for name in VARIANTS if name not in OTHER_PAPERS_OPTIONS] + [PEER]
+    names = [name for name in order if name in VARIANTS or (name == PEER and args.sgraf_repo)]
     want_ensemble = not args.variants or ENSEMBLE in args.variants
     for required in ("MPSM (dis)", "MPSM (dir)") if want_ensemble else ():
         if required not in names:
@@ -399,9 +401,6 @@ def main():
     jobs = [(name, seed) for name in names for seed in args.seeds]
     if args.summarise_only:
         jobs = [job for job in jobs if os.path.exists(os.path.join(run_dir(args, *job), "test_metrics.json"))]
-    if args.sgraf_repo and (not args.variants or PEER in args.variants):  # the peer right after the perspective rows
-        at = next((i for i, (name, _) in enumerate(jobs) if name == "MPSM (dir)"), len(jobs) - len(args.seeds))
-        jobs[at + len(args.seeds):at + len(args.seeds)] = [(PEER, seed) for seed in args.seeds]
     results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
