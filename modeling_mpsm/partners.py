@@ -30,11 +30,11 @@ from .scoring import encode_images
 
 TOP_K = 10  # candidates kept per item
 CHUNK_SIZE = 512  # rows of the similarity computed at once ([512, 30,000] float32: 61 MB)
-# Terms in more than this share of the images are stored densely (a BLAS product), the rarer ones as postings lists:
-# a term in d images costs d^2 products as postings, N^2 as a dense column, so the few frequent words ("a", "in",
-# "man") go dense and the long tail sparse. 1/16 was the fastest of 1/4 - 1/128 at 30,000 images (see
-# docs/training.md).
-DENSE_TERM_SHARE = 1 / 16
+# Words in more than this share of the images are held densely (a matrix product), the rarer ones as postings lists:
+# a word in d images costs d^2 products as postings, N^2 as a dense column, so the few frequent words ("a", "in",
+# "man") go dense and the long tail sparse. At 30,000 images x 5 synthetic captions (docs/training.md) 1/32 and 1/16
+# took 36-47 s, 1/8 58 s and 1/64 48 s; 1/32 peaked at the least memory (0.8 GB).
+DENSE_TERM_SHARE = 1 / 32
 _WORD_RE = re.compile(WORD_PATTERN)
 
 
