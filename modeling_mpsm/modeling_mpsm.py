@@ -595,9 +595,10 @@ class MPSMDirectionRepresentation(nn.Module):
 
     def forward(self, x, y):
         """x, y: broadcastable [..., d]."""
-        # W_c (x/‖x‖ ⊙ y/‖y‖) + b = (W_c (x ⊙ y)) / (‖x‖‖y‖) + b: one pass over the d-wide inputs instead of three
-        norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-8) * y.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        scale = norms.reciprocal().clamp_max(torch.finfo(norms.dtype).max)  # finite in float16 for a zero (padded) y
+        # W_c (x/‖x‖ ⊙ y/‖y‖) + b = (W_c (x ⊙ y)) / (‖x‖‖y‖) + b: one pass over the d-wide inputs instead of three;
+        # the norms in float32 (a padded y is zero, and 1 / 1e-8 overflows float16), the scale bounded to x's dtype
+        norms = [torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-8) for z in (x, y)]
+        scale = (norms[0] * norms[1]).reciprocal().clamp_max(torch.finfo(x.dtype).max).to(x.dtype)
         return l2norm(torch.addcmul(self.proj.bias, F.linear(x * y, self.proj.weight), scale))
 
 
@@ -819,7 +820,7 @@ class MPSMPairNodes(GradientCheckpointingLayer):
 
     def pair_block(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
         """The inputs of the similarity nodes of every image against a block of T captions (step 5), a `PairBlock`."""
-        num_images, num_texts = len(region_mask), len(word_mask)
+        num_images, num_texts = region_mask.shape[0], word_mask.shape[0]  # shapes, not len(): symbolic under tracing
         pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
         global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
         if self.alignment == "global":
@@ -870,8 +871,8 @@ def fine_grained_label_loss(scores, text_embeds, positive_mask):
     detached; 1 for positives); hard pairs, far from their label, weigh more (focal weight |s - y|²).
     scores [B, B], text_embeds [B, d] -> [].
     """
-    labels = (text_embeds @ text_embeds.T).clamp(0, 1).detach().masked_fill(positive_mask, 1.0)
-    scores = scores.float().clamp(1e-6, 1 - 1e-6)
+    labels = (text_embeds @ text_embeds.T).float().clamp(0, 1).detach().masked_fill(positive_mask, 1.0)
+    scores = scores.float().clamp(1e-6, 1 - 1e-6)  # float32 (also for a float16 model): 1 - 1e-6 is 1 in float16
     weights = (scores - labels).abs().detach() ** 2
     return (weights * F.binary_cross_entropy(scores, labels, reduction="none")).sum() / scores.shape[0]
 
@@ -1295,7 +1296,7 @@ class MPSMModel(MPSMPreTrainedModel):
             for perspective, nodes, mask in zip(self.config.perspectives, block_nodes[::2], block_nodes[1::2]):
                 perspective_nodes[perspective][0].append(nodes)
                 perspective_nodes[perspective][1].append(mask)
-        num_images, sizes = len(region_mask), [len(text_embeds) for text_embeds in blocks[4::5]]
+        num_images, sizes = region_mask.shape[0], [text_embeds.shape[0] for text_embeds in blocks[4::5]]
         return tuple(
             torch.cat([
                 logits.view(num_images, size)
