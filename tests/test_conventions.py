@@ -19,6 +19,7 @@ import modeling_mpsm.modeling_mpsm as modeling
 from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel
 from modeling_mpsm.modeling_mpsm import MPSMPairNodes, MPSMSRGRStep, chain_adjacency
 from modeling_mpsm.retrieval import MPSMRetriever
+from modeling_mpsm.scoring import cache_members
 from tiny import TINY, WORDS, tiny_models, tiny_processor
 
 
@@ -127,32 +128,35 @@ def test_dtype_round_trips_keep_the_read_out_in_float32(trained, dtype, tmp_path
 # --------------------------------------------------------------------------------------------------- float16
 @pytest.fixture(scope="module")
 def float16_models(trained):
-    """The trained model in float16 twice: loaded with dtype=torch.float16 (read-out kept in float32) and `.half()`."""
+    """The trained model in float16 twice: loaded with dtype=torch.float16 (read-out kept in float32) and `.half()`;
+    and the ensemble `.half()` (its dir member: the direction perspective)."""
     model, folder = trained
-    half = MPSMModel.from_pretrained(folder).eval().half()
-    return {"from_pretrained": MPSMModel.from_pretrained(folder, dtype=torch.float16).eval(), "half": half}
+    return {"from_pretrained": MPSMModel.from_pretrained(folder, dtype=torch.float16).eval(),
+            "half": MPSMModel.from_pretrained(folder).eval().half(), "ensemble": tiny_models()[1].half()}
 
 
-@pytest.mark.parametrize("way", ["from_pretrained", "half"])
-def test_float16_with_padding_is_finite_on_every_public_path(float16_models, way):
+@pytest.mark.parametrize("way", ["from_pretrained", "half", "ensemble"])
+def test_float16_with_padding_is_finite_on_every_public_path(float16_models, way, monkeypatch):
+    monkeypatch.setattr(modeling, "CAPTION_BLOCKS", 1)  # the captions of different lengths in one block: padded words
     model = float16_models[way]
     batch = padded_batch()
-    assert model.image_encoder.fc.weight.dtype == torch.float16
     with torch.no_grad():
         image = model.encode_image(**image_inputs(batch))
         text = model.encode_text(**text_inputs(batch))
-        values = [image.region_embeds, image.image_embeds, text.word_embeds, text.text_embeds, text.word_weights]
-        values += [model.similarity(image, text), *model(**batch, return_loss=True).values()]
+        values = [model.similarity(image, text), *model(**batch, return_loss=True).values()]
         values += [*model.get_image_features(**image_inputs(batch)).values()]
         values += [*model.get_text_features(**text_inputs(batch)).values()]
-    assert image.region_embeds.dtype == text.word_embeds.dtype == torch.float16
+    for image, text in zip(cache_members(image).values(), cache_members(text).values()):  # an ensemble's members
+        assert image.region_embeds.dtype == text.word_embeds.dtype == torch.float16
+        assert (image.region_embeds[1, 3:] == 0).all() and (text.word_embeds[2, 2:] == 0).all()  # padding stays 0
+        values += [image.region_embeds, image.image_embeds, text.word_embeds, text.text_embeds, text.word_weights]
     for value in values:
         assert torch.isfinite(value).all()
-    assert (image.region_embeds[1, 3:] == 0).all() and (text.word_embeds[2, 2:] == 0).all()  # padding stays zero
 
 
-def test_float16_training_loss_and_gradients_are_finite(trained):
-    model = MPSMModel.from_pretrained(trained[1], dtype=torch.float16).train()
+def test_float16_training_loss_and_gradients_are_finite():
+    """Every perspective and stream (a float16 y of zeros, a padded word, gave the direction perspective inf gradients)."""
+    model = tiny_model(similarity="joint", streams="both", dropout=0.0).half().train()
     loss = model(**padded_batch(), return_loss=True).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -184,7 +188,7 @@ def test_float16_scores_agree_with_float32_on_a_trained_model(trained, float16_m
     with torch.no_grad():
         reference = model(**batch).logits_per_image
         assert reference.max() - reference.min() > 0.05  # a trained model's scores are spread
-        for half in float16_models.values():
+        for half in (float16_models["from_pretrained"], float16_models["half"]):
             torch.testing.assert_close(half(**batch).logits_per_image.float(), reference, rtol=0, atol=2e-3)
 
 
