@@ -6,9 +6,9 @@
     accelerate launch examples/evaluate_mpsm.py ...   # the rows of each score matrix are shared out over processes
 
 Protocols: `f30k` (the 1,000 test images against their 5,000 captions), `coco1k` (mean over the five 1,000-image folds
-of `testall`) and `coco5k` (all of `testall`). Several models (`--model A B ...`, or `--model A --model2 B`), or an
-ensemble checkpoint (`MPSMEnsembleModel`), evaluate MPSM*: the mean of the models' score matrices (with several models,
-each model's own metrics are reported too, under `members`). Recall is computed by the local `evaluate` module
+of `testall`) and `coco5k` (all of `testall`). Several models (`--model A B ...`), or an ensemble checkpoint
+(`MPSMEnsembleModel`), evaluate MPSM*: the mean of the models' score matrices (with several models, each model's own
+metrics are reported too, under `members`). Recall is computed by the local `evaluate` module
 `modeling_mpsm/metrics/recall_at_k`.
 """
 
@@ -46,7 +46,6 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, nargs="+",
                         help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel); several evaluate the mean of "
                              "their score matrices (MPSM*).")
-    parser.add_argument("--model2", help="One more model, as a second --model path (kept for older commands).")
     parser.add_argument("--data_dir", required=True,
                         help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
     parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
@@ -69,7 +68,6 @@ def parse_args(argv=None):
     parser.add_argument("--cpu", action="store_true", help="Evaluate on CPU even if a GPU is available.")
     args = parser.parse_args(argv)
     args.split = args.split or DEFAULT_SPLITS[args.protocol]
-    args.models = args.model + ([args.model2] if args.model2 else [])
     return args
 
 
@@ -134,14 +132,14 @@ def main(argv=None) -> int:
 
 
 def evaluate_and_report(args, accelerator) -> int:
-    scored = [score_folds(path, args, accelerator) for path in args.models]
+    scored = [score_folds(path, args, accelerator) for path in args.model]
     num_images = scored[0][1]
     per_model = [matrices for matrices, _ in scored]
     members = {}
     if accelerator.is_main_process:
         recall_at_k = evaluate.load(METRIC_PATH)
-    if len(args.models) > 1 and accelerator.is_main_process:  # MPSM*: each member's own metrics are reported too
-        for path, member_matrices in zip(args.models, per_model):
+    if len(args.model) > 1 and accelerator.is_main_process:  # MPSM*: each member's own metrics are reported too
+        for path, member_matrices in zip(args.model, per_model):
             members[path] = mean_metrics([recall_at_k.compute(similarities=m.numpy()) for m in member_matrices])
     matrices = [sum(fold) / len(fold) for fold in zip(*per_model)]  # MPSM*: the mean of the models' matrices
 
@@ -152,7 +150,7 @@ def evaluate_and_report(args, accelerator) -> int:
             "protocol": args.protocol,
             "split": args.split,
             "dataset": args.dataset_id or dataset_name(args.data_dir),
-            "model": args.models[0] if len(args.models) == 1 else args.models,
+            "model": args.model[0] if len(args.model) == 1 else args.model,
         }
         if members:
             results["members"] = members
@@ -165,9 +163,9 @@ def evaluate_and_report(args, accelerator) -> int:
               f"model {results['model']}")
         for path, member_metrics in members.items():
             print(f"member {path}:\n{format_table(member_metrics)}")
-        print((f"MPSM* (mean of the {len(args.models)} models):\n" if members else "") + format_table(metrics))
+        print((f"MPSM* (mean of the {len(args.model)} models):\n" if members else "") + format_table(metrics))
         if "twin_accuracy" in results:
-            print("captions scoring their image above its twin, % (blind to the change ~50, reading it ~80): "
+            print("captions that mention the change scoring their image above its twin, % (blind to it ~50, reading it ~100): "
                   + ", ".join(f"{kind} {value:.1f}" for kind, value in results["twin_accuracy"].items()))
         if args.output_json:  # written whole or not at all
             atomic_write(args.output_json, lambda temporary: write_json(temporary, results))

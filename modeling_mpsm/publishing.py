@@ -39,7 +39,7 @@ def member_configs(config) -> dict:
     """The configurations of the models behind `config`: an ensemble's members by short name, or {"model": config}
     (also for the classes of a model loaded as remote code)."""
     if config.model_type == MPSMEnsembleConfig.model_type:
-        return {name: getattr(config, f"{name}_config") for name in PERSPECTIVES.values()}
+        return config.member_configs  # the members the checkpoint stores, not today's `PERSPECTIVES`
     return {"model": config}
 
 

@@ -89,6 +89,13 @@ def select_items(cache, index):
     return _map_outputs(lambda output: type(output)(**{name: value[index] for name, value in output.items()}), cache)
 
 
+def cut_words(cache, length):
+    """A caption cache cut to its first `length` words (at least its longest caption's), as a cache of the same kind."""
+    return _map_outputs(lambda output: type(output)(**{
+        name: value[:, :length] if name in PADDED_FIELDS else value for name, value in output.items()
+    }), cache)
+
+
 def _item_mask(cache):
     """The mask of a cache's items, [items, regions or words] (of the first member for an ensemble)."""
     output = _first_member(cache)
@@ -206,7 +213,8 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
             pairs = max_pairs_per_block or max(1, max_block_bytes // block_bytes)
             block_images, block_texts = block_shape(num_images, num_texts - start, pairs)
             columns = order[start : start + block_texts]
-            text_block = select_items(texts, columns)
+            # cut to the group's longest caption: compiled, `similarity` runs its captions as one uncut block
+            text_block = cut_words(select_items(texts, columns), sorted_lengths[start])
             for image_start in range(0, num_images, block_images):
                 rows = slice(image_start, image_start + block_images)
                 scores[rows, columns] = similarity(select_items(images, rows), text_block).float()
@@ -323,7 +331,8 @@ def score_matrix(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTE
             caption are then re-scored in float32 (`refine_top_k`), so that R@K for K <= refine_k matches float32
             scoring (0: no refinement). Costs (N_img + N_txt) * refine_k pairs.
         compile (`bool`): runs the per-pair part through `torch.compile` (fused elementwise kernels; the first blocks
-            pay the compilation, seconds to a minute, so it pays off on large matrices).
+            pay the compilation, seconds to a minute, so it pays off on large matrices). Compiled, a block's captions
+            (of similar length: they are sorted) run as one block cut to the longest, not in sub-blocks.
         progress (`bool`): tqdm progress bars, on the main process only.
         accelerator (`accelerate.Accelerator`, *optional*): shards the rows (images) over its processes and gathers
             the matrix; every process returns the full matrix. Destroy the process group when done

@@ -16,7 +16,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import modeling_mpsm.modeling_mpsm as modeling
-from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel
+from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel
+from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.modeling_mpsm import MPSMPairNodes, MPSMSRGRStep, chain_adjacency
 from modeling_mpsm.retrieval import MPSMRetriever
 from modeling_mpsm.scoring import cache_members
@@ -80,6 +81,34 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     model.eval().save_pretrained(folder)
     return model, str(folder)
+
+
+# --------------------------------------------------------------------------------------------------- configurations
+def test_configurations_round_trip_and_store_their_perspectives(tmp_path):
+    """As transformers' ConfigTester: dict, JSON file and save/load round trips; the joint and ensemble configurations
+    store their perspectives (old checkpoints: test_old_checkpoints.py), and bad ones are refused by name."""
+    joint = MPSMConfig(**TINY, similarity="joint")
+    assert joint.joint_perspectives == list(PERSPECTIVES) and MPSMConfig(**TINY).joint_perspectives is None
+    ensemble = tiny_models()[1].config
+    assert ensemble.members == list(PERSPECTIVES.values()) and list(ensemble.member_configs) == ensemble.members
+    for index, config in enumerate((joint, MPSMConfig(**TINY, joint_perspectives=None), ensemble)):
+        config.save_pretrained(tmp_path / str(index))  # adds the `auto_map` of the package's classes
+        expected = config.to_dict()
+        config.to_json_file(tmp_path / f"{index}.json")
+        for loaded in (type(config).from_pretrained(tmp_path / str(index)), type(config).from_dict(expected),
+                       type(config).from_json_file(tmp_path / f"{index}.json")):
+            assert loaded.to_dict() == expected
+    only_dis = MPSMEnsembleConfig(dis_config=TINY)  # the members are those given
+    assert only_dis.members == ["dis"] and only_dis.dir_config is None
+    for make, message in (
+        (lambda: MPSMConfig(similarity="joint", joint_perspectives=["distance"]), "`joint_perspectives` must list"),
+        (lambda: MPSMConfig(similarity="joint", joint_perspectives=["distance", "cosine"]), "`joint_perspectives`"),
+        (lambda: MPSMConfig(joint_perspectives=["distance", "direction"]), "applies to similarity='joint'"),
+        (lambda: MPSMEnsembleConfig(members=["dis", "cos"]), "`members` must list distinct short names"),
+        (lambda: MPSMEnsembleConfig(members=["dis"], dir_config=TINY), "`dir_config` is given but 'dir' is not"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 # --------------------------------------------------------------------------------------------------- save / load

@@ -143,7 +143,7 @@ def test_evaluate_script_coco1k_and_ensemble(tiny_model_dir, tmp_path):
     single, pair = tmp_path / "single.json", tmp_path / "pair.json"
     common = ["--data_dir", data_dir, "--protocol", "coco1k", "--split", "test"]
     assert run_evaluate_script(["--model", model_dir, *common, "--output_json", str(single)]) == 0
-    assert run_evaluate_script(["--model", model_dir, "--model2", model_dir, *common, "--output_json", str(pair)]) == 0
+    assert run_evaluate_script(["--model", model_dir, model_dir, *common, "--output_json", str(pair)]) == 0
     results = json.loads(single.read_text())
     assert set(METRIC_KEYS) | {"protocol", "split", "dataset", "model"} == set(results)
     assert (results["protocol"], results["split"], results["dataset"]) == ("coco1k", "test", "scan")
