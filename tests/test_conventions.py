@@ -333,6 +333,13 @@ def test_feature_outputs_are_base_model_outputs_with_pooling_as_dict_and_tuple()
         torch.testing.assert_close(state, torch.cat(member_states, -1))
 
 
+def test_ensemble_hidden_states_need_members_of_one_depth():
+    torch.manual_seed(0)
+    ensemble = MPSMEnsembleModel(MPSMEnsembleConfig(dis_config=TINY, dir_config={**TINY, "kgid_layers": 3})).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"its members have \[2, 4\] states \(different KGID layers\)"):
+        ensemble.get_text_features(**text_inputs(padded_batch()), output_hidden_states=True)
+
+
 def test_forward_outputs_as_dict_and_tuple_with_hidden_states():
     """As transformers' `test_model_outputs_equivalence`: the tuple is the dict's non-None fields, with and without the
     loss and the hidden states; `config.output_hidden_states` and `config.return_dict` are the defaults."""
