@@ -352,7 +352,8 @@ class FeatureBasis:
         return np.concatenate([np.sin(angles), np.cos(angles)])
 
 
-def _jitter(rng, box, amount: float, width: int, height: int):
+def jitter_box(rng, box, amount: float, width: int, height: int):
+    """A detector's imprecise box: each side moved by up to `amount` of the box's size, kept inside the image."""
     x1, y1, x2, y2 = box
     bw, bh = x2 - x1, y2 - y1
     d = rng.uniform(-amount, amount, size=4) * np.array([bw, bh, bw, bh])
@@ -381,9 +382,9 @@ def scene_regions(rng, scene: Scene, basis: FeatureBasis, num_regions: int, posi
         if entity.material:
             attributes[basis.index("material", entity.material)] = 0.5
         whole = {basis.index("class", entity.name): 1.0, **attributes}
-        rows.append((whole, 0.8, _jitter(rng, box, 0.03, w, h), label))
+        rows.append((whole, 0.8, jitter_box(rng, box, 0.03, w, h), label))
         for _ in range(int(rng.integers(1, 3))):
-            extras.append((whole, 0.9, _jitter(rng, box, 0.12, w, h), label))
+            extras.append((whole, 0.9, jitter_box(rng, box, 0.12, w, h), label))
         for _ in range(int(rng.integers(1, 3))):
             x1, y1, x2, y2 = box
             fx, fy = rng.uniform(0.3, 0.6, size=2)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..common import CAPTIONS_PER_IMAGE
+from .scenes_objects import jitter_box
 
 
 # Statistics of the real captions this grammar is built from: docs/caption_statistics.json, key "f30k" (the 10,070
@@ -493,15 +494,6 @@ def paint(scene: Scene) -> np.ndarray:
     return canvas
 
 
-def _jitter(rng, box, amount: float, width: int, height: int):
-    x1, y1, x2, y2 = box
-    bw, bh = x2 - x1, y2 - y1
-    d = rng.uniform(-amount, amount, size=4) * np.array([bw, bh, bw, bh])
-    nx1, ny1 = max(0.0, x1 + d[0]), max(0.0, y1 + d[1])
-    nx2, ny2 = min(width - 1.0, x2 + d[2]), min(height - 1.0, y2 + d[3])
-    return (nx1, ny1, max(nx2, nx1 + 2.0), max(ny2, ny1 + 2.0))
-
-
 def pooled_recipes(scene: Scene, boxes: np.ndarray, basis: FeatureBasis) -> tuple[np.ndarray, np.ndarray]:
     """What each box covers on the painted scene, and the coverage-weighted sum of those appearances.
 
@@ -545,9 +537,9 @@ def scene_regions(rng, scene: Scene, basis: FeatureBasis, num_regions: int):
     w, h = scene.width, scene.height
     boxes = []
     for thing in scene.things:
-        boxes.append(_jitter(rng, thing.box, 0.04, w, h))
+        boxes.append(jitter_box(rng, thing.box, 0.04, w, h))
         for _ in range(int(rng.integers(1, 3)) if thing.owner < 0 else int(rng.integers(0, 2))):
-            boxes.append(_jitter(rng, thing.box, 0.12, w, h))
+            boxes.append(jitter_box(rng, thing.box, 0.12, w, h))
         if thing.name in OWNERS and rng.random() < 0.5:
             x1, y1, x2, y2 = thing.box
             half = (y1, (y1 + y2) / 2) if rng.random() < 0.5 else ((y1 + y2) / 2, y2)
