@@ -182,6 +182,9 @@ def sample_scene(rng) -> Scene:
     return Scene(width, height, background, entities)
 
 
+sample_base = sample_scene  # the grammar's scene to make a twin of (`synthetic.generate_scenes`)
+
+
 def make_twin(rng, scene: Scene) -> Scene:
     """Copy `scene` with exactly one change, recorded in `twin.change`.
 
@@ -287,33 +290,6 @@ def render(scene: Scene, plan: dict) -> str:
         **{"is": "is" if a.count == 1 else "are", "isC": "is" if c.count == 1 else "are"},
     )
     return text[0].upper() + text[1:] + "."
-
-
-def scene_captions(rng, scene: Scene, shared_plans: list[dict]) -> list[str]:
-    """Five captions in random order: the shared (twin-focused) plans and fresh random plans. Records in
-    `scene.focus_captions` where the shared ones landed."""
-    plans = shared_plans + [sample_plan(rng, scene) for _ in range(CAPTIONS_PER_IMAGE - len(shared_plans))]
-    order = rng.permutation(CAPTIONS_PER_IMAGE)
-    scene.focus_captions = [position for position, k in enumerate(order) if k < len(shared_plans)]
-    return [render(scene, plans[k]) for k in order]
-
-
-def generate_scenes(rng, num_images: int) -> tuple[list[Scene], list[str]]:
-    """`num_images` scenes in twin pairs (a last odd image has no twin) and their `5 * num_images` captions."""
-    scenes, captions = [], []
-    while len(scenes) < num_images:
-        base = sample_scene(rng)
-        if len(scenes) + 1 == num_images:
-            scenes.append(base)
-            captions += scene_captions(rng, base, [])
-            break
-        twin = make_twin(rng, base)
-        base.twin, twin.twin = len(scenes) + 1, len(scenes)
-        base.change = twin.change
-        plans = [sample_plan(rng, base, twin.change) for _ in range(FOCUS_CAPTIONS)]
-        scenes += [base, twin]
-        captions += scene_captions(rng, base, plans) + scene_captions(rng, twin, plans)
-    return scenes, captions
 
 
 class FeatureBasis:

@@ -132,6 +132,7 @@ class Scene:
     change: dict = field(default_factory=dict)
     focus_captions: list[int] = field(default_factory=list)
     claims: list[dict] = field(default_factory=list)  # what each focused caption says about the change
+    twin_kind: str = ""  # the change `make_twin` makes: a key of `TWIN_KINDS`
 
     def items_of(self, owner: int) -> list[int]:
         return [k for k, t in enumerate(self.things) if t.owner == owner]
@@ -204,7 +205,8 @@ def sample_scene(rng, kind: str) -> Scene:
     """A scene that can hold a twin change of `kind`."""
     width, height = int(rng.integers(480, 641)), int(rng.integers(360, 513))
     places = list(PLACES)
-    scene = Scene(width, height, places[rng.integers(len(places))], BACKDROPS[rng.integers(len(BACKDROPS))], [], [])
+    scene = Scene(width, height, places[rng.integers(len(places))], BACKDROPS[rng.integers(len(BACKDROPS))], [], [],
+                  twin_kind=kind)
     owners = list(OWNERS)
     person_or_animal = [(1 - ANIMAL_SHARE) / len(PERSONS)] * len(PERSONS) + [ANIMAL_SHARE / len(ANIMALS)] * len(ANIMALS)
     if kind == "binding":  # two single owners of different classes with items of one kind
@@ -255,10 +257,11 @@ def _change_options(scene: Scene, kind: str) -> list:
     return [(scene.groups[0][0], k) for k in scene.objects() if k != scene.attached]
 
 
-def make_twin(rng, scene: Scene, kind: str) -> Scene:
-    """Copy `scene` with one change of `kind`, recorded in `twin.change`. For a count twin from 3 to 2, `scene`'s
+def make_twin(rng, scene: Scene) -> Scene:
+    """Copy `scene` with one change of its `twin_kind`, recorded in `twin.change`. For a count twin from 3 to 2, `scene`'s
     things are first reordered so that the member to remove and its items come last (the plans shared by the twins
     index things, so the twin's indices must match)."""
+    kind = scene.twin_kind
     options = _change_options(scene, kind)
     target = options[rng.integers(len(options))]
     if kind == "count" and len(scene.groups[target]) == 3:
@@ -427,35 +430,14 @@ def claim(scene: Scene, plan: dict) -> dict:
             "relation": relation_word(scene, subject, other)}
 
 
-def scene_captions(rng, scene: Scene, shared_plans: list[dict]) -> list[str]:
-    """Five captions in random order: the shared (twin-focused) plans and fresh ones."""
-    plans = shared_plans + [sample_plan(rng, scene) for _ in range(CAPTIONS_PER_IMAGE - len(shared_plans))]
-    order = rng.permutation(CAPTIONS_PER_IMAGE)
-    scene.focus_captions = [position for position, k in enumerate(order) if k < len(shared_plans)]
-    scene.claims = [claim(scene, plans[order[position]]) for position in scene.focus_captions]
-    return [render(scene, plans[k]) for k in order]
-
-
-def generate_scenes(rng, num_images: int) -> tuple[list[Scene], list[str]]:
-    """`num_images` scenes in twin pairs (a last odd image has no twin) and their `5 * num_images` captions."""
+def sample_base(rng) -> Scene:
+    """A scene to make a twin of: a twin kind drawn at the rates of `TWIN_KINDS`, then a scene that can hold it."""
     kinds, rates = list(TWIN_KINDS), np.array(list(TWIN_KINDS.values()))
-    scenes, captions = [], []
-    while len(scenes) < num_images:
-        kind = kinds[rng.choice(len(kinds), p=rates / rates.sum())]
-        base = sample_scene(rng, kind)
-        while not _change_options(base, kind):  # e.g. a colour twin of a lone dog without items
-            base = sample_scene(rng, kind)
-        if len(scenes) + 1 == num_images:
-            scenes.append(base)
-            captions += scene_captions(rng, base, [])
-            break
-        twin = make_twin(rng, base, kind)
-        base.twin, twin.twin = len(scenes) + 1, len(scenes)
-        base.change = twin.change
-        plans = [sample_plan(rng, base, twin.change) for _ in range(FOCUS_CAPTIONS)]
-        scenes += [base, twin]
-        captions += scene_captions(rng, base, plans) + scene_captions(rng, twin, plans)
-    return scenes, captions
+    kind = kinds[rng.choice(len(kinds), p=rates / rates.sum())]
+    scene = sample_scene(rng, kind)
+    while not _change_options(scene, kind):  # e.g. a colour twin of a lone dog without items
+        scene = sample_scene(rng, kind)
+    return scene
 
 
 # Region features ---------------------------------------------------------------------------------------------------

@@ -47,10 +47,41 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def scene_captions(grammar, rng, scene, shared_plans: list[dict]) -> list[str]:
+    """Five captions of `scene` in random order: the plans shared with its twin (which mention the change) and fresh
+    ones. Records in `scene.focus_captions` where the shared ones landed, and, for grammars that state them, what each
+    says about the change (`scene.claims`)."""
+    plans = shared_plans + [grammar.sample_plan(rng, scene) for _ in range(CAPTIONS_PER_IMAGE - len(shared_plans))]
+    order = rng.permutation(CAPTIONS_PER_IMAGE)
+    scene.focus_captions = [position for position, k in enumerate(order) if k < len(shared_plans)]
+    if hasattr(grammar, "claim"):
+        scene.claims = [grammar.claim(scene, plans[order[position]]) for position in scene.focus_captions]
+    return [grammar.render(scene, plans[k]) for k in order]
+
+
+def generate_scenes(grammar, rng, num_images: int) -> tuple[list, list[str]]:
+    """`num_images` scenes of `grammar` in twin pairs (a last odd image has no twin) and their `5 * num_images`
+    captions; `grammar.FOCUS_CAPTIONS` captions of each twin render the plans the pair shares."""
+    scenes, captions = [], []
+    while len(scenes) < num_images:
+        base = grammar.sample_base(rng)
+        if len(scenes) + 1 == num_images:
+            scenes.append(base)
+            captions += scene_captions(grammar, rng, base, [])
+            break
+        twin = grammar.make_twin(rng, base)
+        base.twin, twin.twin = len(scenes) + 1, len(scenes)
+        base.change = twin.change
+        plans = [grammar.sample_plan(rng, base, twin.change) for _ in range(grammar.FOCUS_CAPTIONS)]
+        scenes += [base, twin]
+        captions += scene_captions(grammar, rng, base, plans) + scene_captions(grammar, rng, twin, plans)
+    return scenes, captions
+
+
 def write_split(output_dir: str, split: str, num_images: int, rng, grammar, basis, num_regions: int,
                 region_options: dict, chunk_size: int = 128) -> None:
     """Generate one split of `grammar` (a module of `GRAMMARS`) and write its files (see the module docstring)."""
-    scenes, captions = grammar.generate_scenes(rng, num_images)
+    scenes, captions = generate_scenes(grammar, rng, num_images)
     feature_dim = basis.matrix.shape[1]
     boxes = np.zeros((num_images, num_regions, 4), dtype=np.float32)
     labels = np.zeros((num_images, num_regions), dtype=np.int16)
