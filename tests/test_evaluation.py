@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.data import synthetic
-from modeling_mpsm.data import load_split
+from modeling_mpsm import MPSMConfig, MPSMModel
 from modeling_mpsm.evaluation import (
     METRIC_KEYS,
     fold_score_matrices,
@@ -20,8 +18,7 @@ from modeling_mpsm.evaluation import (
     retrieval_ranks,
     retrieval_recalls,
 )
-from modeling_mpsm.processing_mpsm import get_dependency_parser
-from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
+from tiny import tiny_scenes
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,12 +106,9 @@ def tiny_model_dir(tmp_path_factory):
     """A SCAN dir with 10 test images and a saved, randomly initialised tiny model with its processor."""
     root = tmp_path_factory.mktemp("eval")
     data_dir, model_dir = root / "scan", root / "model"
-    synthetic.generate(str(data_dir), seed=2, num_train=4, num_dev=2, num_test=10, feature_dim=32, num_regions=8)
-    dataset = load_split(str(data_dir), "test", parser=get_dependency_parser("fallback"))
-    vocabulary = build_vocabulary([c for captions in dataset["captions"] for c in captions], min_count=1)
-    processor = MPSMProcessor(build_tokenizer(vocabulary), num_regions=8, dependency_parser="fallback")
+    dataset, processor = tiny_scenes(data_dir, num_test=10, feature_dim=32)
     torch.manual_seed(0)
-    config = MPSMConfig(img_dim=32, vocab_size=len(vocabulary), word_dim=16, embed_size=32,
+    config = MPSMConfig(img_dim=32, vocab_size=len(processor.tokenizer), word_dim=16, embed_size=32,
                         sim_dim=16, kgid_layers=1, srgr_steps=1)
     MPSMModel(config).save_pretrained(model_dir)
     processor.save_pretrained(model_dir)

@@ -7,11 +7,9 @@ import os
 
 import torch
 
-from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.data import load_split, synthetic
-from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
+from modeling_mpsm import MPSMConfig, MPSMModel
 from modeling_mpsm.evaluation import evaluate_retrieval
-from modeling_mpsm.processing_mpsm import get_dependency_parser
+from tiny import tiny_scenes
 
 SPEC = importlib.util.spec_from_file_location(
     "kgid_probe", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kgid_probe.py"))
@@ -21,12 +19,9 @@ SPEC.loader.exec_module(kgid_probe)
 
 def test_every_probe_row_runs_and_the_first_is_the_plain_evaluation(tmp_path):
     data_dir, model_dir = tmp_path / "scenes", tmp_path / "model"
-    synthetic.generate(str(data_dir), seed=2, num_train=4, num_dev=2, num_test=12, feature_dim=16, num_regions=8)
-    dataset = load_split(str(data_dir), "test", parser=get_dependency_parser("fallback"))
-    vocabulary = build_vocabulary([c for captions in dataset["captions"] for c in captions], min_count=1)
-    processor = MPSMProcessor(build_tokenizer(vocabulary), num_regions=8, dependency_parser="fallback")
+    dataset, processor = tiny_scenes(data_dir, num_test=12, feature_dim=16)
     torch.manual_seed(0)
-    model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=len(vocabulary), word_dim=8, embed_size=16, sim_dim=8,
+    model = MPSMModel(MPSMConfig(img_dim=16, vocab_size=len(processor.tokenizer), word_dim=8, embed_size=16, sim_dim=8,
                                  kgid_layers=2, srgr_steps=1, spatial_messages=True))
     with torch.no_grad():  # messages that are not zero, so that switching them off or moving the boxes shows
         model.spatial_messages.message.weight.normal_(0, 0.5)

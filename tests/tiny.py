@@ -1,9 +1,12 @@
-"""The tiny model and processor several test modules build (a 13-word vocabulary, embed 16, one KGID layer)."""
+"""The tiny model and processor several test modules build (a 13-word vocabulary, embed 16, one KGID layer), and a
+tiny synthetic data set with a processor of its vocabulary."""
 
 import torch
 
 from modeling_mpsm import MPSMConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor
-from modeling_mpsm.data.vocabulary import SPECIAL_TOKENS, build_tokenizer
+from modeling_mpsm.data import load_split, synthetic
+from modeling_mpsm.data.vocabulary import SPECIAL_TOKENS, build_tokenizer, build_vocabulary
+from modeling_mpsm.processing_mpsm import get_dependency_parser
 
 
 WORDS = SPECIAL_TOKENS + "a man dog red ball runs on the grass".split()
@@ -21,3 +24,13 @@ def tiny_models():
 def tiny_processor():
     return MPSMProcessor(build_tokenizer({word: i for i, word in enumerate(WORDS)}), num_regions=4,
                          dependency_parser="fallback")
+
+
+def tiny_scenes(data_dir, num_test, feature_dim):
+    """Synthetic scenes (seed 2, 4 / 2 / `num_test` images, 8 regions) in `data_dir`: their test split and a processor
+    of the test captions' vocabulary, with the fallback parser."""
+    synthetic.generate(str(data_dir), seed=2, num_train=4, num_dev=2, num_test=num_test, feature_dim=feature_dim,
+                       num_regions=8)
+    dataset = load_split(str(data_dir), "test", parser=get_dependency_parser("fallback"))
+    vocabulary = build_vocabulary([c for captions in dataset["captions"] for c in captions], min_count=1)
+    return dataset, MPSMProcessor(build_tokenizer(vocabulary), num_regions=8, dependency_parser="fallback")
