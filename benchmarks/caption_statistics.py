@@ -525,6 +525,16 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+PERSONS_NOTE = (
+    "A mention is one person noun (man, women, player, ...) or a group noun with its \"of\" noun (\"a group of "
+    "people\" is one plural mention); \"crowd\", \"couple\", \"team\", \"family\" alone are one plural mention. "
+    "Pronouns are not counted.")
+ITEMS_NOTE = (
+    "Items are garments and held objects (lexicons in the script), of any colour, attached to a person mention by "
+    "\"in\"/\"with\" (owner -> prep -> pobj) or by wearing/holding/carrying/dressed in (owner -> verb -> dobj), "
+    "conjuncts included (\"in a red shirt and blue jeans\" is two).")
+
+
 def render_markdown(results: dict, sets: list[str]) -> str:
     def row(label, *path):
         return [label] + [lookup(results[s], path) for s in sets]
@@ -558,34 +568,23 @@ def render_markdown(results: dict, sets: list[str]) -> str:
         ]),
     ]
 
-    def distribution_table(title, *path, note=""):
+    def distribution_table(title, *path, note="", summary=()):
+        """A section with the distribution at `path` per set, then a table of the `summary` rows (`row` specs)."""
         labels = list(lookup(results[sets[0]], path))
         rows = [[label] + [lookup(results[s], (*path, label)) for s in sets] for label in labels]
-        return ["", f"## {title}", "", *([note, ""] if note else []), table(["value"] + sets, rows)]
+        out = ["", f"## {title}", "", *([note, ""] if note else []), table(["value"] + sets, rows)]
+        return out + (["", table(["", *sets], [row(*spec) for spec in summary])] if summary else [])
 
     out += distribution_table("Caption length (% of captions per bin of words)", "length_words", "histogram_pct")
-    out += distribution_table(
-        "Persons per caption (% of captions)", "persons", "per_caption_pct",
-        note="A mention is one person noun (man, women, player, ...) or a group noun with its \"of\" noun (\"a group "
-             "of people\" is one plural mention); \"crowd\", \"couple\", \"team\", \"family\" alone are one plural "
-             "mention. Pronouns are not counted.")
-    out.append("")
-    out.append(table(["persons", *sets], [
-        row("mentions", "persons", "mentions_total"),
-        row("plural mentions (% of mentions)", "persons", "plural_mentions_pct"),
-        row("captions with a plural mention (%)", "persons", "captions_with_plural_pct"),
-    ]))
+    out += distribution_table("Persons per caption (% of captions)", "persons", "per_caption_pct", note=PERSONS_NOTE,
+                              summary=[("mentions", "persons", "mentions_total"),
+                                       ("plural mentions (% of mentions)", "persons", "plural_mentions_pct"),
+                                       ("captions with a plural mention (%)", "persons", "captions_with_plural_pct")])
     out += distribution_table("Animals per caption (% of captions)", "animals", "per_caption_pct")
     out += distribution_table(
-        "Items per person (% of persons that have any)", "items_per_person", "distribution_pct",
-        note="Items are garments and held objects (lexicons in the script), of any colour, attached to a person "
-             "mention by \"in\"/\"with\" (owner -> prep -> pobj) or by wearing/holding/carrying/dressed in (owner -> "
-             "verb -> dobj), conjuncts included (\"in a red shirt and blue jeans\" is two).")
-    out.append("")
-    out.append(table(["", *sets], [
-        row("person mentions with >= 1 item (%)", "items_per_person", "persons_with_items_pct"),
-        row("items per person that has any, mean", "items_per_person", "mean"),
-    ]))
+        "Items per person (% of persons that have any)", "items_per_person", "distribution_pct", note=ITEMS_NOTE,
+        summary=[("person mentions with >= 1 item (%)", "items_per_person", "persons_with_items_pct"),
+                 ("items per person that has any, mean", "items_per_person", "mean")])
     out += ["", "## Binding a person or animal to a coloured item", "",
             "A binding is an owner (a person or animal mention) linked to a noun that has a colour modifier, by the "
             "paths of items above (\"a man in a red shirt\", \"a girl wearing a pink dress\", \"a dog with a blue "
