@@ -139,24 +139,29 @@ def _lengths(value) -> list[int] | None:
     return None
 
 
-def _normalize_boxes(boxes: torch.Tensor, sizes: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-    """Check boxes `[B, n, 4]` on the regions where `real` `[B, n]` is set; scale them by `sizes` `[B, 2]` (w, h)."""
-    real_boxes = boxes[real]
-    if not torch.isfinite(real_boxes).all():
-        raise ValueError("`boxes` contains NaN or Inf.")
-    if (real_boxes[:, 2] < real_boxes[:, 0]).any() or (real_boxes[:, 3] < real_boxes[:, 1]).any():
-        raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
-    if sizes is None:
-        if (real_boxes < 0).any() or (real_boxes > 1).any():
+def normalize_boxes(boxes: torch.Tensor, image_sizes=None, real=None, check_values: bool = True) -> torch.Tensor:
+    """
+    The one rule for boxes, the processor's and the model's: (x1, y1, x2, y2) `[B, n, 4]`, in pixels of `image_sizes`
+    `[B, 2]` (width, height) or already in [0, 1], checked on the real regions (`real` `[B, n]` bool, default all)
+    and returned in [0, 1] (a rounding slack of 1e-4 is clamped), zero on padding. `check_values=False` (under
+    tracing) only scales.
+    """
+    real = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device) if real is None else real
+    if check_values:
+        real_boxes = boxes[real]
+        if not torch.isfinite(real_boxes).all():
+            raise ValueError("`boxes` contains NaN or Inf.")
+        if (real_boxes[:, 2] < real_boxes[:, 0]).any() or (real_boxes[:, 3] < real_boxes[:, 1]).any():
+            raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
+        if image_sizes is not None and (not torch.isfinite(image_sizes).all() or (image_sizes <= 0).any()):
+            raise ValueError(f"`image_sizes` must be positive (width, height) pairs, got {image_sizes.tolist()}.")
+    if image_sizes is not None:
+        boxes = boxes / image_sizes.to(boxes).repeat(1, 2)[:, None, :]
+    if check_values and ((boxes[real] < -1e-4) | (boxes[real] > 1 + 1e-4)).any():
+        if image_sizes is None:
             raise ValueError("`boxes` must lie in [0, 1] when no `image_sizes` are given (pixel boxes need sizes).")
-        return boxes.clone()
-    if not torch.isfinite(sizes).all() or (sizes <= 0).any():
-        raise ValueError(f"`image_sizes` must be positive (width, height) pairs, got {sizes.tolist()}.")
-    scaled = boxes / sizes.repeat(1, 2)[:, None, :]
-    scaled_real = scaled[real]
-    if (scaled_real < 0).any() or (scaled_real > 1).any():
         raise ValueError("`boxes` must lie inside the image: 0 <= x <= width and 0 <= y <= height of `image_sizes`.")
-    return scaled
+    return torch.where(real[..., None], boxes.clamp(0.0, 1.0), 0.0)
 
 
 class MPSMProcessor(ProcessorMixin):
@@ -389,7 +394,7 @@ class MPSMProcessor(ProcessorMixin):
                     f"`boxes` has {boxes.shape[1]} regions per image, `region_features` has {num_input_regions}."
                 )
             sizes = batched(image_sizes, "image_sizes", torch.float32, (2,)) if image_sizes is not None else None
-            output["boxes"] = _normalize_boxes(boxes, sizes, real) * mask[..., None]
+            output["boxes"] = normalize_boxes(boxes, sizes, real)
         elif image_sizes is not None:
             raise ValueError("`image_sizes` was given without `boxes`.")
 

@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .common import HUB_CONFIGS_DIR, METRIC_KEYS
 from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
-from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
+from .modeling_mpsm import MPSMEnsembleModel, MPSMHubMixin, MPSMModel
 from .processing_mpsm import MPSMProcessor
 
 
@@ -313,7 +313,7 @@ def push_model_to_hub(model, repo_id: str, *, processor=None, metrics=None, base
                       private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
                       max_shard_size="50GB", tags: list[str] | None = None):
     """
-    What `MPSMModel.push_to_hub` / `MPSMEnsembleModel.push_to_hub` do when this package is installed: the same
+    What `MPSMModel.push_to_hub` / `MPSMEnsembleModel.push_to_hub` of this package do (set below): the same
     complete repository as `publish` (weights, code, a card with `model-index` from `metrics` — a dict or an
     evaluation JSON path — and the processor with its tokenizer when `processor` is given), uploaded in one commit.
     The other arguments are those of transformers' `push_to_hub`.
@@ -327,3 +327,7 @@ def push_model_to_hub(model, repo_id: str, *, processor=None, metrics=None, base
                    max_shard_size=max_shard_size)
         return upload_repo(folder, repo_id, private, revision, commit_message, token=token, create_pr=create_pr,
                            commit_description=commit_description)
+
+
+# The package's models push the complete repository; modeling_mpsm.py never imports this module (no import circle).
+MPSMHubMixin.publish = staticmethod(push_model_to_hub)
