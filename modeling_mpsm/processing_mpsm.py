@@ -11,7 +11,6 @@ import json
 import re
 import unicodedata
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,11 +37,6 @@ def tokenize_caption(text: str) -> list[str]:
     `["a", "man", "'s", "white-walled", "tent", "is", "n't", "it"]`.
     """
     return _WORD_RE.findall(normalize_caption(text))
-
-
-def caption_key(words: Sequence[str]) -> str:
-    """Key of a tokenised caption in a parse cache: its words joined by single spaces."""
-    return " ".join(words)
 
 
 class DependencyParser:
@@ -132,6 +126,12 @@ def _to_tensor(value, name: str, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"`{name}` must be an array, a tensor or a list of numbers: {error}") from None
 
 
+def _pad_or_truncate(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` `[B, k, ...]` cut or zero-padded to `[B, length, ...]` along the region axis."""
+    padding = tensor.new_zeros(tensor.shape[0], max(length - tensor.shape[1], 0), *tensor.shape[2:])
+    return torch.cat([tensor[:, :length], padding], dim=1)
+
+
 def _lengths(value) -> list[int] | None:
     """Number of rows of each item of a ragged list input, or None for any other input."""
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
@@ -183,7 +183,7 @@ class MPSMProcessor(ProcessorMixin):
 
     Attributes:
         parse_cache (`MutableMapping`, *optional*):
-            Consulted before parsing (keyed by `caption_key(words)`, values are head lists) and filled with new parses,
+            Consulted before parsing (keyed by the caption's words joined by spaces, values are head lists) and filled with new parses,
             e.g. a `dict` shared between processors of one job. Not saved.
     """
 
@@ -299,7 +299,7 @@ class MPSMProcessor(ProcessorMixin):
                         f"{words}, got {list(heads)}."
                     )
             return [list(heads) for heads in dependency_heads]
-        keys = [caption_key(words) for words in captions]
+        keys = [" ".join(words) for words in captions]
         cache = self.parse_cache if self.parse_cache is not None else {}
         missing = [key for key in dict.fromkeys(keys) if key not in cache]
         parsed = {}
@@ -373,9 +373,8 @@ class MPSMProcessor(ProcessorMixin):
             return tensor
 
         if region_mask is not None:
-            mask = batched(region_mask, "region_mask", torch.long, ("regions",)).ne(0).long()
-            mask = mask[:, :num_input_regions]
-            mask = torch.cat([mask, mask.new_zeros(batch_size, num_input_regions - mask.shape[1])], dim=1)
+            mask = _pad_or_truncate(batched(region_mask, "region_mask", torch.long, ("regions",)).ne(0).long(),
+                                    num_input_regions)
         else:
             mask = torch.ones(batch_size, num_input_regions, dtype=torch.long)
         lengths = _lengths(region_features)
@@ -384,7 +383,7 @@ class MPSMProcessor(ProcessorMixin):
         real = mask.bool()
         if not torch.isfinite(features[real]).all():
             raise ValueError("`region_features` contains NaN or Inf.")
-        features = features * mask[..., None]
+        features = torch.where(real[..., None], features, 0.0)
 
         output = {}
         if boxes is not None:
@@ -398,16 +397,8 @@ class MPSMProcessor(ProcessorMixin):
         elif image_sizes is not None:
             raise ValueError("`image_sizes` was given without `boxes`.")
 
-        output["region_features"] = features
-        output["region_mask"] = mask
-        # Pad or truncate the region axis to `num_regions`.
-        for name, tensor in output.items():
-            if num_input_regions >= self.num_regions:
-                output[name] = tensor[:, : self.num_regions]
-            else:
-                padding = tensor.new_zeros(batch_size, self.num_regions - num_input_regions, *tensor.shape[2:])
-                output[name] = torch.cat([tensor, padding], dim=1)
-        return output
+        output.update(region_features=features, region_mask=mask)
+        return {name: _pad_or_truncate(tensor, self.num_regions) for name, tensor in output.items()}
 
 
 MPSMProcessor.register_for_auto_class()

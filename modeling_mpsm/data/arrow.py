@@ -51,15 +51,8 @@ def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=
     if parser is not None:
         from ..processing_mpsm import tokenize_caption
     progress = progress_bar(total=sum(stop - start for start, stop in chunks), desc=f"converting {split_name}", unit="image")
-    dtype = FEATURE_DTYPES[feature_dtype]
     for start, stop in chunks:
-        features = np.asarray(split.images[start:stop], dtype=dtype)
-        bad = ~np.isfinite(features).all(axis=(1, 2))  # NaN/Inf in the file, or values beyond the dtype's range
-        if bad.any():
-            raise ValueError(
-                f"{split.images_path}: images {(start + np.flatnonzero(bad)).tolist()} have NaN, Inf or values "
-                f"beyond the {feature_dtype} range (|x| > {np.finfo(dtype).max:.6g}); expected finite region features."
-            )
+        features = split.region_features(start, stop, FEATURE_DTYPES[feature_dtype])
         boxes = split.normalized_boxes(start, stop)
         captions = split.captions[start * CAPTIONS_PER_IMAGE : stop * CAPTIONS_PER_IMAGE]
         if parser is not None:
