@@ -70,10 +70,9 @@ class SpacyDependencyParser(DependencyParser):
     `tokenize_caption`. Named-entity recognition and lemmatisation are not loaded.
     """
 
-    def __init__(self, model_name: str = "en_core_web_sm", batch_size: int = 256):
+    def __init__(self, model_name: str = "en_core_web_sm"):
         spacy = importlib.import_module("spacy")
         self.model_name = model_name
-        self.batch_size = batch_size
         self.nlp = spacy.load(model_name, exclude=["ner", "lemmatizer"])
         self._doc_class = importlib.import_module("spacy.tokens").Doc
 
@@ -82,7 +81,7 @@ class SpacyDependencyParser(DependencyParser):
 
     def parse_batch(self, batch: list[list[str]]) -> list[list[int]]:
         docs = (self._doc_class(self.nlp.vocab, words=list(words)) for words in batch)
-        return [[token.head.i for token in doc] for doc in self.nlp.pipe(docs, batch_size=self.batch_size)]
+        return [[token.head.i for token in doc] for doc in self.nlp.pipe(docs, batch_size=256)]
 
 
 @functools.lru_cache(maxsize=None)
