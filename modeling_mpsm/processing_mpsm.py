@@ -179,11 +179,6 @@ class MPSMProcessor(ProcessorMixin):
             `DependencyParser` to `processor.parser` to plug in another one.
         region_feature_dim (`int`, *optional*):
             Expected width of region features; checked when set.
-
-    Attributes:
-        parse_cache (`MutableMapping`, *optional*):
-            Consulted before parsing (keyed by the caption's words joined by spaces, values are head lists) and filled with new parses,
-            e.g. a `dict` shared between processors of one job. Not saved.
     """
 
     attributes = ["tokenizer"]
@@ -208,7 +203,6 @@ class MPSMProcessor(ProcessorMixin):
         self.max_length = max_length
         self.dependency_parser = dependency_parser
         self.region_feature_dim = region_feature_dim
-        self.parse_cache = None
         self._parser = None
 
     @property
@@ -232,7 +226,7 @@ class MPSMProcessor(ProcessorMixin):
             ) from error
 
     def to_dict(self) -> dict:
-        # Settings only: the parser and the parse cache are runtime objects, and the tokenizer saves itself.
+        # Settings only: the parser is a runtime object, and the tokenizer saves itself.
         settings = ("num_regions", "max_length", "dependency_parser", "region_feature_dim")
         output = {name: getattr(self, name) for name in settings}
         if "auto_map" in self.__dict__:
@@ -285,7 +279,7 @@ class MPSMProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _heads(self, captions: list[list[str]], dependency_heads) -> list[list[int]]:
-        """Dependency heads of each caption: given, cached, or parsed in one batch."""
+        """Dependency heads of each caption: given, or parsed in one batch."""
         if dependency_heads is not None:
             if len(dependency_heads) != len(captions):
                 raise ValueError(
@@ -298,15 +292,9 @@ class MPSMProcessor(ProcessorMixin):
                         f"{words}, got {list(heads)}."
                     )
             return [list(heads) for heads in dependency_heads]
-        keys = [" ".join(words) for words in captions]
-        cache = self.parse_cache if self.parse_cache is not None else {}
-        missing = [key for key in dict.fromkeys(keys) if key not in cache]
-        parsed = {}
-        if missing:  # the parser (possibly a spaCy pipeline) is only loaded when something needs parsing
-            parsed = dict(zip(missing, self.parser.parse_batch([key.split(" ") for key in missing])))
-            if self.parse_cache is not None:
-                self.parse_cache.update(parsed)
-        return [list(parsed[key] if key in parsed else cache[key]) for key in keys]
+        distinct = list(dict.fromkeys(map(tuple, captions)))  # a caption repeated in the batch is parsed once
+        parsed = dict(zip(distinct, self.parser.parse_batch([list(words) for words in distinct])))
+        return [list(parsed[tuple(words)]) for words in captions]
 
     def _process_text(self, text, dependency_heads) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
