@@ -20,15 +20,13 @@ AutoConfig.register("mpsm_ensemble", MPSMEnsembleConfig, exist_ok=True)
 AutoModel.register(MPSMConfig, MPSMModel, exist_ok=True)
 AutoModel.register(MPSMEnsembleConfig, MPSMEnsembleModel, exist_ok=True)
 
+from .processing_mpsm import MPSMProcessor  # registers itself for AutoProcessor
+
 # importing the pipeline registers the "mpsm-retrieval" task with transformers' `pipeline()` in this process too
 from .pipeline_mpsm import MPSMRetrievalPipeline
 
-try:
-    from .processing_mpsm import MPSMProcessor
-
-    MPSMProcessor.register_for_auto_class()
-except ImportError:  # the processor module is optional while the package is being assembled
-    MPSMProcessor = None
+# importing publishing gives the models' `push_to_hub` the complete repository (card, processor) of the package
+from . import publishing
 
 __all__ = [
     "MPSMConfig",

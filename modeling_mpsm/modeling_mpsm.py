@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
+from .processing_mpsm import normalize_boxes
 
 
 # The per-pair part runs the captions of a batch in blocks of similar length (`MPSMModel.pair_logits`): at least
@@ -124,7 +125,7 @@ def l2norm(x, dim=-1, eps=1e-8):
         return l2norm(x.float(), dim, eps).to(x.dtype)
     if dim in (-1, x.dim() - 1):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-    # on CPU, `norm` over an inner axis is ~40x slower than a sum of squares (measured on [I, T, L, n] maps)
+    # on CPU, `norm` over an inner axis is much slower than a sum of squares (docs/benchmarks.md)
     return x * x.square().sum(dim, keepdim=True).clamp_min(eps**2).rsqrt()
 
 
@@ -183,9 +184,11 @@ def _as_bool_mask(mask, name, shape):
     return mask.bool()
 
 
-def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim):
+def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim, dtype):
     """
-    Validates the image inputs of MPSM and returns (boxes in [0, 1] or None, region_mask as bool). Under tracing
+    The model's contract on images, checked once per call of `encode_image` (an ensemble checks once for all its
+    members): returns (region_features in `dtype` [I, n, img_dim], boxes in [0, 1] [I, n, 4] or None, region_mask as
+    bool [I, n]). Floating features are cast to `dtype` first (float64 numpy features are accepted). Under tracing
     (`is_tracing`) only the types and shapes are checked: the checks of the values are skipped.
     """
     check_values = not is_tracing()
@@ -194,6 +197,7 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
         raise ValueError(f"`region_features` must be a tensor of shape [batch, regions, {img_dim}], got {shape}")
     if not region_features.is_floating_point():
         raise ValueError(f"`region_features` must be a floating-point tensor, got {region_features.dtype}")
+    region_features = region_features.to(dtype)
     batch, num_regions, width = region_features.shape
     if width != img_dim:
         raise ValueError(f"`region_features` must have {img_dim} features per region (config.img_dim), got {width}")
@@ -210,7 +214,7 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
             raise ValueError(f"`region_mask` marks every region as padding for image(s) {empty.tolist()}; "
                              "expected >= 1 region")
     if boxes is None:
-        return None, region_mask
+        return region_features, None, region_mask
     if boxes.dim() != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"`boxes` must have shape [batch, regions, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if boxes.shape[:2] != (batch, num_regions):
@@ -218,30 +222,17 @@ def check_image_inputs(region_features, boxes, region_mask, image_sizes, img_dim
             f"`boxes` must match `region_features` in batch and regions: expected [{batch}, {num_regions}, 4], "
             f"got {tuple(boxes.shape)}"
         )
-    if check_values and not torch.isfinite(boxes).all():
-        raise ValueError("`boxes` contains NaN or Inf values")
-    boxes = boxes.float()
-    if image_sizes is not None:
-        if image_sizes.shape != (batch, 2):
-            raise ValueError(f"`image_sizes` must have shape [{batch}, 2] as (width, height), got {tuple(image_sizes.shape)}")
-        if check_values and (image_sizes <= 0).any():
-            raise ValueError("`image_sizes` must be positive (width, height)")
-        boxes = boxes / image_sizes.to(boxes).repeat(1, 2).unsqueeze(1)
-    if check_values:
-        real = region_mask.unsqueeze(-1).expand_as(boxes)
-        if ((boxes < -1e-4) | (boxes > 1 + 1e-4))[real].any():
-            raise ValueError(
-                "`boxes` lie outside the image: expected coordinates in [0, 1], or in pixels within `image_sizes`"
-            )
-        if ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))[region_mask].any():
-            raise ValueError("`boxes` must satisfy x2 >= x1 and y2 >= y1")
-    return boxes.clamp(0.0, 1.0).to(region_features.dtype), region_mask
+    if image_sizes is not None and image_sizes.shape != (batch, 2):
+        raise ValueError(f"`image_sizes` must have shape [{batch}, 2] as (width, height), got {tuple(image_sizes.shape)}")
+    boxes = normalize_boxes(boxes.float(), image_sizes, region_mask, check_values)
+    return region_features, boxes.to(dtype), region_mask
 
 
 def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_size):
     """
-    Validates the text inputs of MPSM and returns (attention_mask as bool, dependency_adjacency). Under tracing
-    (`is_tracing`) only the types and shapes are checked: the checks of the values are skipped.
+    The model's contract on captions, checked once per call of `encode_text` (an ensemble checks once for all its
+    members): returns (input_ids [T, L], attention_mask as bool [T, L], dependency_adjacency [T, L, L] or None). Under
+    tracing (`is_tracing`) only the types and shapes are checked: the checks of the values are skipped.
     """
     check_values = not is_tracing()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -252,30 +243,27 @@ def check_text_inputs(input_ids, attention_mask, dependency_adjacency, vocab_siz
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         raise ValueError(f"`input_ids` must hold at least one caption with one word, got {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = input_ids != 0
-    attention_mask = _as_bool_mask(attention_mask, "attention_mask", (batch, length))
+    attention_mask = _as_bool_mask(input_ids != 0 if attention_mask is None else attention_mask, "attention_mask",
+                                   (batch, length))
     if check_values:
         empty = (~attention_mask.any(1)).nonzero().flatten()
         if len(empty):
             raise ValueError(f"`attention_mask` marks caption(s) {empty.tolist()} as empty; expected >= 1 word each")
-        lengths = attention_mask.sum(1)
         positions = torch.arange(length, device=input_ids.device)
-        if (attention_mask != (positions < lengths[:, None])).any():
+        if (attention_mask != (positions < attention_mask.sum(1, keepdim=True))).any():
             raise ValueError("`attention_mask` must be right-padded: ones for the words first, then zeros")
         real_ids = input_ids[attention_mask]
         if (real_ids < 0).any() or (real_ids >= vocab_size).any():
             raise ValueError(f"`input_ids` must be in [0, {vocab_size}) (config.vocab_size)")
-    if dependency_adjacency is None:
-        return attention_mask, None
-    if dependency_adjacency.shape != (batch, length, length):
-        raise ValueError(
-            f"`dependency_adjacency` must have shape [{batch}, {length}, {length}] to match `input_ids`, "
-            f"got {tuple(dependency_adjacency.shape)}"
-        )
-    if check_values and not torch.isfinite(dependency_adjacency).all():
-        raise ValueError("`dependency_adjacency` contains NaN or Inf values")
-    return attention_mask, dependency_adjacency
+    if dependency_adjacency is not None:
+        if dependency_adjacency.shape != (batch, length, length):
+            raise ValueError(
+                f"`dependency_adjacency` must have shape [{batch}, {length}, {length}] to match `input_ids`, "
+                f"got {tuple(dependency_adjacency.shape)}"
+            )
+        if check_values and not torch.isfinite(dependency_adjacency).all():
+            raise ValueError("`dependency_adjacency` contains NaN or Inf values")
+    return input_ids, attention_mask, dependency_adjacency
 
 
 # 1. Encoders --------------------------------------------------------------------------------------------------------
@@ -930,43 +918,6 @@ class MPSMRetrievalLoss(nn.Module):
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-def _from_pretrained_naming_the_file(load, path, *args, **kwargs):
-    """`load(path, ...)` (a `PreTrainedModel.from_pretrained`), with truncated or corrupt weights and weights that do not
-    fit `config.json` reported as errors naming the checkpoint's files instead of bare safetensors / size errors."""
-    from safetensors import SafetensorError
-
-    try:
-        return load(path, *args, **kwargs)
-    except SafetensorError as error:
-        raise OSError(
-            f"{path}: model.safetensors is truncated or corrupt ({error}); save or download the checkpoint again."
-        ) from error
-    except RuntimeError as error:
-        if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
-            raise
-        raise ValueError(
-            f"{path}: the weights in model.safetensors do not match config.json (tensor shapes differ, see the load "
-            f"report above); was config.json edited or copied from another checkpoint? ({error})"
-        ) from error
-
-
-def _save_retrieval_pipeline(model, save_directory, is_main_process):
-    """
-    With the model's code (`auto_map`), `save_pretrained` also writes the retrieval pipeline: `pipeline_mpsm.py` in the
-    folder and its `custom_pipelines` entry in config.json, so that `pipeline(model=folder, trust_remote_code=True)`
-    builds an `MPSMRetrievalPipeline`.
-    """
-    if not model.is_remote_code():
-        return
-    # imported here, not at the top: the pipeline module imports transformers' Pipeline machinery
-    from .pipeline_mpsm import MPSMRetrievalPipeline, custom_pipelines
-
-    model.config.custom_pipelines = custom_pipelines()
-    if is_main_process:
-        os.makedirs(save_directory, exist_ok=True)
-        custom_object_save(MPSMRetrievalPipeline, save_directory)
-
-
 def _or_config(value, config, name):
     """`value`, or the configuration's setting `name` (`return_dict`, `output_hidden_states`) when it is None."""
     return getattr(config, name) if value is None else value
@@ -987,31 +938,73 @@ def _forward_needs_both(input_ids, region_features):
     )
 
 
-class MPSMPushToHubMixin:
+class MPSMHubMixin:
+    """What both model classes add to `PreTrainedModel`: loading errors naming the checkpoint's files, the retrieval
+    pipeline saved with the model, and `push_to_hub`."""
+
+    # The package's `publishing` sets this to its `push_model_to_hub` (the complete repository: card with model-index,
+    # processor, one commit); this file never imports the package, so its copy loaded as remote code keeps None.
+    publish = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with truncated or corrupt weights and weights that do not fit
+        `config.json` reported as errors naming the checkpoint's files instead of bare safetensors / size errors."""
+        from safetensors import SafetensorError
+
+        path = pretrained_model_name_or_path
+        try:
+            return super().from_pretrained(path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"{path}: model.safetensors is truncated or corrupt ({error}); save or download the checkpoint again."
+            ) from error
+        except RuntimeError as error:
+            if "mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"{path}: the weights in model.safetensors do not match config.json (tensor shapes differ, see the "
+                f"load report above); was config.json edited or copied from another checkpoint? ({error})"
+            ) from error
+
+    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`; with the model's code (`auto_map`), also the retrieval pipeline:
+        `pipeline_mpsm.py` in the folder and its `custom_pipelines` entry in config.json, so that
+        `pipeline(model=folder, trust_remote_code=True)` builds an `MPSMRetrievalPipeline`.
+        """
+        if self.is_remote_code():
+            # imported here, not at the top: the pipeline module imports transformers' Pipeline machinery
+            from .pipeline_mpsm import MPSMRetrievalPipeline, custom_pipelines
+
+            self.config.custom_pipelines = custom_pipelines()
+            if is_main_process:
+                os.makedirs(save_directory, exist_ok=True)
+                custom_object_save(MPSMRetrievalPipeline, save_directory)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+
     def push_to_hub(self, repo_id, *, processor=None, metrics=None, base_models=None, **kwargs):
         """
         Upload the model to the Hub repository `repo_id`.
 
-        With the `modeling_mpsm` package installed, the repository is the complete one its publishing script writes:
-        weights, code, a model card with a `model-index` of `metrics` (a dict or an evaluation JSON with
-        `i2t_r1 … t2i_r10, rsum, dataset`), `base_models` as the card's `base_model` (the ensemble's members), and the
-        `processor` with its tokenizer. Without the package (the model loaded as remote code), transformers'
-        `push_to_hub`. Other arguments (`private`, `token`, `revision`, `commit_message`, `create_pr`, `tags`, …) are
-        transformers'.
+        With the `modeling_mpsm` package, the repository is the complete one its publishing script writes: weights,
+        code, a model card with a `model-index` of `metrics` (a dict or an evaluation JSON with `i2t_r1 … t2i_r10,
+        rsum, dataset`), `base_models` as the card's `base_model` (the ensemble's members), and the `processor` with
+        its tokenizer. Loaded as remote code, transformers' `push_to_hub`. Other arguments (`private`, `token`,
+        `revision`, `commit_message`, `create_pr`, `tags`, …) are transformers'.
         """
-        try:
-            from modeling_mpsm.publishing import push_model_to_hub
-        except ImportError:
-            if processor is not None or metrics is not None or base_models is not None:
-                raise ImportError(
-                    "push_to_hub(processor=, metrics=, base_models=) needs the modeling_mpsm package "
-                    "(pip install modeling_mpsm); push the processor with processor.push_to_hub(repo_id)"
-                ) from None
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_model_to_hub(self, repo_id, processor=processor, metrics=metrics, base_models=base_models, **kwargs)
+        if self.publish is not None:
+            return self.publish(self, repo_id, processor=processor, metrics=metrics, base_models=base_models, **kwargs)
+        if processor is not None or metrics is not None or base_models is not None:
+            raise ImportError(
+                "push_to_hub(processor=, metrics=, base_models=) needs the modeling_mpsm package "
+                "(pip install modeling_mpsm, then its MPSMModel or modeling_mpsm.publishing.push_model_to_hub); "
+                "push the processor with processor.push_to_hub(repo_id)"
+            )
+        return super().push_to_hub(repo_id, **kwargs)
 
 
-class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
+class MPSMPreTrainedModel(MPSMHubMixin, PreTrainedModel):
     config_class = MPSMConfig
     base_model_prefix = "mpsm"
     main_input_name = "input_ids"
@@ -1022,15 +1015,6 @@ class MPSMPreTrainedModel(MPSMPushToHubMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     # the score read-out stays float32 when loaded in fp16/bf16: reduced-precision scores in (0, 1) tie near the top
     _keep_in_fp32_modules_strict = ["evaluate"]
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
-
-    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the retrieval pipeline's file and `custom_pipelines` entry."""
-        _save_retrieval_pipeline(self, save_directory, is_main_process)
-        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -1114,7 +1098,8 @@ class MPSMModel(MPSMPreTrainedModel):
         self.text_encoder.embed = value
 
     def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None,
-                           output_hidden_states=None, return_dict=None) -> BaseModelOutputWithPooling | tuple:
+                           output_hidden_states=None, return_dict=None,
+                           inputs_checked=False) -> BaseModelOutputWithPooling | tuple:
         """
         The image features of `encode_image` in the CLIP convention: `pooler_output` is the global image feature v̄
         [I, d], `last_hidden_state` the region nodes ṽ [I, n, d] and, with `output_hidden_states`, `hidden_states`
@@ -1122,14 +1107,14 @@ class MPSMModel(MPSMPreTrainedModel):
         non-None fields; both default to the configuration's setting.
         """
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states)
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states, inputs_checked)
         output = BaseModelOutputWithPooling(
             last_hidden_state=image.region_embeds, pooler_output=image.image_embeds, hidden_states=image.hidden_states
         )
         return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
     def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
-                          return_dict=None) -> BaseModelOutputWithPooling | tuple:
+                          return_dict=None, inputs_checked=False) -> BaseModelOutputWithPooling | tuple:
         """
         The caption features of `encode_text` in the CLIP convention: `pooler_output` is the global caption feature t̄
         [T, d], `last_hidden_state` the word nodes t̃ [T, L, d] and, with `output_hidden_states`, `hidden_states` the
@@ -1137,14 +1122,15 @@ class MPSMModel(MPSMPreTrainedModel):
         non-None fields; both default to the configuration's setting.
         """
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states)
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states, inputs_checked)
         output = BaseModelOutputWithPooling(
             last_hidden_state=text.word_embeds, pooler_output=text.text_embeds, hidden_states=text.hidden_states
         )
         return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
     # ---------------------------------------------------------------- per item: images
-    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, output_hidden_states=False):
+    def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None, output_hidden_states=False,
+                     inputs_checked=False):
         """
         Encoder, visual knowledge graph, visual KGID and global feature of each image (computed once per image).
 
@@ -1155,12 +1141,14 @@ class MPSMModel(MPSMPreTrainedModel):
             region_mask (`torch.LongTensor` [I, n], *optional*): 1 for real regions, 0 for padding.
             image_sizes (`torch.LongTensor` [I, 2], *optional*): (width, height) in pixels.
             output_hidden_states (`bool`): also return the region node states (V, then each KGID layer's output).
+            inputs_checked (`bool`): the inputs are already what `check_image_inputs` returns (an ensemble's members).
         Returns:
             [`MPSMImageOutput`].
         """
-        if isinstance(region_features, torch.Tensor) and region_features.is_floating_point():
-            region_features = region_features.to(self.image_encoder.fc.weight.dtype)  # e.g. float64 numpy features
-        boxes, region_mask = check_image_inputs(region_features, boxes, region_mask, image_sizes, self.config.img_dim)
+        if not inputs_checked:
+            region_features, boxes, region_mask = check_image_inputs(
+                region_features, boxes, region_mask, image_sizes, self.config.img_dim, self.image_encoder.fc.weight.dtype
+            )
         regions = self.image_encoder(region_features, region_mask)
         if self.spatial_messages is not None and boxes is not None:
             regions = self.spatial_messages(regions, boxes, region_mask)
@@ -1188,7 +1176,8 @@ class MPSMModel(MPSMPreTrainedModel):
         )
 
     # ---------------------------------------------------------------- per item: captions
-    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=False):
+    def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=False,
+                    inputs_checked=False):
         """
         Encoder, textual knowledge graph, textual KGID and global feature of each caption (computed once per caption).
 
@@ -1197,12 +1186,14 @@ class MPSMModel(MPSMPreTrainedModel):
             attention_mask (`torch.LongTensor` [T, L], *optional*): 1 for words, 0 for padding.
             dependency_adjacency (`torch.FloatTensor` [T, L, L], *optional*): P_t; identity + neighbours if missing.
             output_hidden_states (`bool`): also return the word node states (T, then each KGID layer's output).
+            inputs_checked (`bool`): the inputs are already what `check_text_inputs` returns (an ensemble's members).
         Returns:
             [`MPSMTextOutput`].
         """
-        attention_mask, adjacency = check_text_inputs(
-            input_ids, attention_mask, dependency_adjacency, self.config.vocab_size
-        )
+        if not inputs_checked:
+            input_ids, attention_mask, dependency_adjacency = check_text_inputs(
+                input_ids, attention_mask, dependency_adjacency, self.config.vocab_size
+            )
         words = self.text_encoder(input_ids, attention_mask)
         real = real_node_index(attention_mask)  # the per-word maps skip the padding (about half of a batch's words)
         word_weights = attention_mask.to(words.dtype)
@@ -1210,9 +1201,11 @@ class MPSMModel(MPSMPreTrainedModel):
             words, word_weights = self.word_self_attention(words, attention_mask)
         hidden_states = (words,)
         if self.textual_kgid is not None:
-            if adjacency is None:
-                adjacency = chain_adjacency(attention_mask).to(words.dtype)
-            graph = semantic_knowledge_graph(words, adjacency.to(words.dtype), attention_mask, self.config.lambda_softmax)
+            if dependency_adjacency is None:
+                dependency_adjacency = chain_adjacency(attention_mask)
+            graph = semantic_knowledge_graph(
+                words, dependency_adjacency.to(words.dtype), attention_mask, self.config.lambda_softmax
+            )
             words, states = self.textual_kgid(words, graph, attention_mask, real)
             hidden_states += states
         text_embeds, _ = self.text_attention(words, attention_mask, real)
@@ -1335,6 +1328,7 @@ class MPSMModel(MPSMPreTrainedModel):
         return_loss=None,
         output_hidden_states=None,
         return_dict=None,
+        inputs_checked=False,
     ) -> MPSMOutput | tuple:
         """
         Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
@@ -1343,13 +1337,13 @@ class MPSMModel(MPSMPreTrainedModel):
         same image (not negatives of each other). Unknown arguments are refused by name (a `TypeError`, as in every
         transformers model). `output_hidden_states=True` adds the node states of `encode_image` and `encode_text`;
         `return_dict=False` returns the tuple of the output's non-None fields (both default to the configuration's
-        setting).
+        setting). `inputs_checked`: as in `encode_image` and `encode_text`.
         """
         if input_ids is None or region_features is None:
             raise _forward_needs_both(input_ids, region_features)
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states)
-        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states)
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states, inputs_checked)
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states, inputs_checked)
         logits = self.pair_logits(image, text)
         logits_per_image = self.scores_from_logits(logits)
         loss = self.criterion(logits, image, text, image_ids) if return_loss else None
@@ -1376,22 +1370,13 @@ def chain_adjacency(attention_mask):
 # MPSM*: the dis + dir ensemble --------------------------------------------------------------------------------------
 
 
-class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
+class MPSMEnsembleModel(MPSMHubMixin, PreTrainedModel):
     """MPSM* (the paper's best): a `dis` and a `dir` MPSM whose scores are averaged. Saved as one checkpoint."""
 
     config_class = MPSMEnsembleConfig
     base_model_prefix = "mpsm_ensemble"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True  # the members' per-pair parts
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        return _from_pretrained_naming_the_file(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
-
-    def save_pretrained(self, save_directory, is_main_process=True, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the retrieval pipeline's file and `custom_pipelines` entry."""
-        _save_retrieval_pipeline(self, save_directory, is_main_process)
-        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     def __init__(self, config: MPSMEnsembleConfig):
         super().__init__(config)
@@ -1448,15 +1433,26 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
                              f"; unknown: {unknown}, missing: {missing}")
         return {name: (name, named_models[name]) for name in names}
 
+    def check_image_inputs(self, region_features, boxes=None, region_mask=None, image_sizes=None):
+        """`check_image_inputs` once for every member (they share the inputs, the config checks their sizes)."""
+        first = next(iter(self.members().values()))
+        return check_image_inputs(region_features, boxes, region_mask, image_sizes, first.config.img_dim,
+                                  first.image_encoder.fc.weight.dtype)
+
+    def check_text_inputs(self, input_ids, attention_mask=None, dependency_adjacency=None):
+        """`check_text_inputs` once for every member (they share one vocabulary)."""
+        first = next(iter(self.members().values()))
+        return check_text_inputs(input_ids, attention_mask, dependency_adjacency, first.config.vocab_size)
+
     def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
         """Per-image outputs of every member: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""
-        return {name: member.encode_image(region_features, boxes, region_mask, image_sizes)
-                for name, member in self.members().items()}
+        image = self.check_image_inputs(region_features, boxes, region_mask, image_sizes)
+        return {name: member.encode_image(*image, inputs_checked=True) for name, member in self.members().items()}
 
     def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None):
         """Per-caption outputs of every member: `{"dis": MPSMTextOutput, "dir": MPSMTextOutput}`."""
-        return {name: member.encode_text(input_ids, attention_mask, dependency_adjacency)
-                for name, member in self.members().items()}
+        text = self.check_text_inputs(input_ids, attention_mask, dependency_adjacency)
+        return {name: member.encode_text(*text, inputs_checked=True) for name, member in self.members().items()}
 
     def similarity(self, image, text):
         """Mean of the members' scores, [I, T]."""
@@ -1468,8 +1464,9 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
         """The members' `get_image_features` side by side: `pooler_output` [I, 2d] (as `forward`'s `image_embeds`),
         `last_hidden_state` [I, n, 2d] and the `hidden_states` layer by layer."""
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        outputs = [member.get_image_features(region_features, boxes, region_mask, image_sizes, output_hidden_states,
-                                             return_dict=True) for member in self.members().values()]
+        image = self.check_image_inputs(region_features, boxes, region_mask, image_sizes)
+        outputs = [member.get_image_features(*image, output_hidden_states=output_hidden_states, return_dict=True,
+                                             inputs_checked=True) for member in self.members().values()]
         return self._side_by_side(outputs, return_dict)
 
     def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
@@ -1477,8 +1474,9 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
         """The members' `get_text_features` side by side: `pooler_output` [T, 2d] (as `forward`'s `text_embeds`),
         `last_hidden_state` [T, L, 2d] and the `hidden_states` layer by layer."""
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        outputs = [member.get_text_features(input_ids, attention_mask, dependency_adjacency, output_hidden_states,
-                                            return_dict=True) for member in self.members().values()]
+        text = self.check_text_inputs(input_ids, attention_mask, dependency_adjacency)
+        outputs = [member.get_text_features(*text, output_hidden_states=output_hidden_states, return_dict=True,
+                                            inputs_checked=True) for member in self.members().values()]
         return self._side_by_side(outputs, return_dict)
 
     def _side_by_side(self, outputs, return_dict):
@@ -1495,6 +1493,13 @@ class MPSMEnsembleModel(MPSMPushToHubMixin, PreTrainedModel):
         and hidden states are the members' side by side. `inputs` are `MPSMModel.forward`'s arguments (unknown names
         are refused there)."""
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
+        if inputs.get("input_ids") is not None and inputs.get("region_features") is not None:  # else the members' error
+            image_inputs = ("region_features", "boxes", "region_mask", "image_sizes")
+            text_inputs = ("input_ids", "attention_mask", "dependency_adjacency")
+            image = self.check_image_inputs(*(inputs.pop(name, None) for name in image_inputs))
+            text = self.check_text_inputs(*(inputs.pop(name, None) for name in text_inputs))
+            inputs.update(zip(image_inputs, image), inputs_checked=True)
+            inputs.update(zip(text_inputs, text))
         outputs = [member(return_loss=return_loss, output_hidden_states=output_hidden_states, return_dict=True, **inputs)
                    for member in self.members().values()]
         logits_per_image = sum(output.logits_per_image for output in outputs) / len(outputs)

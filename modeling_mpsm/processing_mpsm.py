@@ -11,7 +11,6 @@ import json
 import re
 import unicodedata
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,11 +37,6 @@ def tokenize_caption(text: str) -> list[str]:
     `["a", "man", "'s", "white-walled", "tent", "is", "n't", "it"]`.
     """
     return _WORD_RE.findall(normalize_caption(text))
-
-
-def caption_key(words: Sequence[str]) -> str:
-    """Key of a tokenised caption in a parse cache: its words joined by single spaces."""
-    return " ".join(words)
 
 
 class DependencyParser:
@@ -76,10 +70,9 @@ class SpacyDependencyParser(DependencyParser):
     `tokenize_caption`. Named-entity recognition and lemmatisation are not loaded.
     """
 
-    def __init__(self, model_name: str = "en_core_web_sm", batch_size: int = 256):
+    def __init__(self, model_name: str = "en_core_web_sm"):
         spacy = importlib.import_module("spacy")
         self.model_name = model_name
-        self.batch_size = batch_size
         self.nlp = spacy.load(model_name, exclude=["ner", "lemmatizer"])
         self._doc_class = importlib.import_module("spacy.tokens").Doc
 
@@ -88,7 +81,7 @@ class SpacyDependencyParser(DependencyParser):
 
     def parse_batch(self, batch: list[list[str]]) -> list[list[int]]:
         docs = (self._doc_class(self.nlp.vocab, words=list(words)) for words in batch)
-        return [[token.head.i for token in doc] for doc in self.nlp.pipe(docs, batch_size=self.batch_size)]
+        return [[token.head.i for token in doc] for doc in self.nlp.pipe(docs, batch_size=256)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,6 +125,12 @@ def _to_tensor(value, name: str, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"`{name}` must be an array, a tensor or a list of numbers: {error}") from None
 
 
+def _pad_or_truncate(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` `[B, k, ...]` cut or zero-padded to `[B, length, ...]` along the region axis."""
+    padding = tensor.new_zeros(tensor.shape[0], max(length - tensor.shape[1], 0), *tensor.shape[2:])
+    return torch.cat([tensor[:, :length], padding], dim=1)
+
+
 def _lengths(value) -> list[int] | None:
     """Number of rows of each item of a ragged list input, or None for any other input."""
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (int, float)):
@@ -139,24 +138,29 @@ def _lengths(value) -> list[int] | None:
     return None
 
 
-def _normalize_boxes(boxes: torch.Tensor, sizes: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-    """Check boxes `[B, n, 4]` on the regions where `real` `[B, n]` is set; scale them by `sizes` `[B, 2]` (w, h)."""
-    real_boxes = boxes[real]
-    if not torch.isfinite(real_boxes).all():
-        raise ValueError("`boxes` contains NaN or Inf.")
-    if (real_boxes[:, 2] < real_boxes[:, 0]).any() or (real_boxes[:, 3] < real_boxes[:, 1]).any():
-        raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
-    if sizes is None:
-        if (real_boxes < 0).any() or (real_boxes > 1).any():
+def normalize_boxes(boxes: torch.Tensor, image_sizes=None, real=None, check_values: bool = True) -> torch.Tensor:
+    """
+    The one rule for boxes, the processor's and the model's: (x1, y1, x2, y2) `[B, n, 4]`, in pixels of `image_sizes`
+    `[B, 2]` (width, height) or already in [0, 1], checked on the real regions (`real` `[B, n]` bool, default all)
+    and returned in [0, 1] (a rounding slack of 1e-4 is clamped), zero on padding. `check_values=False` (under
+    tracing) only scales.
+    """
+    real = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device) if real is None else real
+    if check_values:
+        real_boxes = boxes[real]
+        if not torch.isfinite(real_boxes).all():
+            raise ValueError("`boxes` contains NaN or Inf.")
+        if (real_boxes[:, 2] < real_boxes[:, 0]).any() or (real_boxes[:, 3] < real_boxes[:, 1]).any():
+            raise ValueError("`boxes` must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1.")
+        if image_sizes is not None and (not torch.isfinite(image_sizes).all() or (image_sizes <= 0).any()):
+            raise ValueError(f"`image_sizes` must be positive (width, height) pairs, got {image_sizes.tolist()}.")
+    if image_sizes is not None:
+        boxes = boxes / image_sizes.to(boxes).repeat(1, 2)[:, None, :]
+    if check_values and ((boxes[real] < -1e-4) | (boxes[real] > 1 + 1e-4)).any():
+        if image_sizes is None:
             raise ValueError("`boxes` must lie in [0, 1] when no `image_sizes` are given (pixel boxes need sizes).")
-        return boxes.clone()
-    if not torch.isfinite(sizes).all() or (sizes <= 0).any():
-        raise ValueError(f"`image_sizes` must be positive (width, height) pairs, got {sizes.tolist()}.")
-    scaled = boxes / sizes.repeat(1, 2)[:, None, :]
-    scaled_real = scaled[real]
-    if (scaled_real < 0).any() or (scaled_real > 1).any():
         raise ValueError("`boxes` must lie inside the image: 0 <= x <= width and 0 <= y <= height of `image_sizes`.")
-    return scaled
+    return torch.where(real[..., None], boxes.clamp(0.0, 1.0), 0.0)
 
 
 class MPSMProcessor(ProcessorMixin):
@@ -175,11 +179,6 @@ class MPSMProcessor(ProcessorMixin):
             `DependencyParser` to `processor.parser` to plug in another one.
         region_feature_dim (`int`, *optional*):
             Expected width of region features; checked when set.
-
-    Attributes:
-        parse_cache (`MutableMapping`, *optional*):
-            Consulted before parsing (keyed by `caption_key(words)`, values are head lists) and filled with new parses,
-            e.g. a `dict` shared between processors of one job. Not saved.
     """
 
     attributes = ["tokenizer"]
@@ -204,7 +203,6 @@ class MPSMProcessor(ProcessorMixin):
         self.max_length = max_length
         self.dependency_parser = dependency_parser
         self.region_feature_dim = region_feature_dim
-        self.parse_cache = None
         self._parser = None
 
     @property
@@ -228,7 +226,7 @@ class MPSMProcessor(ProcessorMixin):
             ) from error
 
     def to_dict(self) -> dict:
-        # Settings only: the parser and the parse cache are runtime objects, and the tokenizer saves itself.
+        # Settings only: the parser is a runtime object, and the tokenizer saves itself.
         settings = ("num_regions", "max_length", "dependency_parser", "region_feature_dim")
         output = {name: getattr(self, name) for name in settings}
         if "auto_map" in self.__dict__:
@@ -281,7 +279,7 @@ class MPSMProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _heads(self, captions: list[list[str]], dependency_heads) -> list[list[int]]:
-        """Dependency heads of each caption: given, cached, or parsed in one batch."""
+        """Dependency heads of each caption: given, or parsed in one batch."""
         if dependency_heads is not None:
             if len(dependency_heads) != len(captions):
                 raise ValueError(
@@ -294,15 +292,9 @@ class MPSMProcessor(ProcessorMixin):
                         f"{words}, got {list(heads)}."
                     )
             return [list(heads) for heads in dependency_heads]
-        keys = [caption_key(words) for words in captions]
-        cache = self.parse_cache if self.parse_cache is not None else {}
-        missing = [key for key in dict.fromkeys(keys) if key not in cache]
-        parsed = {}
-        if missing:  # the parser (possibly a spaCy pipeline) is only loaded when something needs parsing
-            parsed = dict(zip(missing, self.parser.parse_batch([key.split(" ") for key in missing])))
-            if self.parse_cache is not None:
-                self.parse_cache.update(parsed)
-        return [list(parsed[key] if key in parsed else cache[key]) for key in keys]
+        distinct = list(dict.fromkeys(map(tuple, captions)))  # a caption repeated in the batch is parsed once
+        parsed = dict(zip(distinct, self.parser.parse_batch([list(words) for words in distinct])))
+        return [list(parsed[tuple(words)]) for words in captions]
 
     def _process_text(self, text, dependency_heads) -> dict[str, torch.Tensor]:
         texts = [text] if isinstance(text, str) else list(text)
@@ -368,9 +360,8 @@ class MPSMProcessor(ProcessorMixin):
             return tensor
 
         if region_mask is not None:
-            mask = batched(region_mask, "region_mask", torch.long, ("regions",)).ne(0).long()
-            mask = mask[:, :num_input_regions]
-            mask = torch.cat([mask, mask.new_zeros(batch_size, num_input_regions - mask.shape[1])], dim=1)
+            mask = _pad_or_truncate(batched(region_mask, "region_mask", torch.long, ("regions",)).ne(0).long(),
+                                    num_input_regions)
         else:
             mask = torch.ones(batch_size, num_input_regions, dtype=torch.long)
         lengths = _lengths(region_features)
@@ -379,7 +370,7 @@ class MPSMProcessor(ProcessorMixin):
         real = mask.bool()
         if not torch.isfinite(features[real]).all():
             raise ValueError("`region_features` contains NaN or Inf.")
-        features = features * mask[..., None]
+        features = torch.where(real[..., None], features, 0.0)
 
         output = {}
         if boxes is not None:
@@ -389,20 +380,12 @@ class MPSMProcessor(ProcessorMixin):
                     f"`boxes` has {boxes.shape[1]} regions per image, `region_features` has {num_input_regions}."
                 )
             sizes = batched(image_sizes, "image_sizes", torch.float32, (2,)) if image_sizes is not None else None
-            output["boxes"] = _normalize_boxes(boxes, sizes, real) * mask[..., None]
+            output["boxes"] = normalize_boxes(boxes, sizes, real)
         elif image_sizes is not None:
             raise ValueError("`image_sizes` was given without `boxes`.")
 
-        output["region_features"] = features
-        output["region_mask"] = mask
-        # Pad or truncate the region axis to `num_regions`.
-        for name, tensor in output.items():
-            if num_input_regions >= self.num_regions:
-                output[name] = tensor[:, : self.num_regions]
-            else:
-                padding = tensor.new_zeros(batch_size, self.num_regions - num_input_regions, *tensor.shape[2:])
-                output[name] = torch.cat([tensor, padding], dim=1)
-        return output
+        output.update(region_features=features, region_mask=mask)
+        return {name: _pad_or_truncate(tensor, self.num_regions) for name, tensor in output.items()}
 
 
 MPSMProcessor.register_for_auto_class()

@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .common import HUB_CONFIGS_DIR, METRIC_KEYS
 from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
-from .modeling_mpsm import MPSMEnsembleModel, MPSMModel
+from .modeling_mpsm import MPSMEnsembleModel, MPSMHubMixin, MPSMModel
 from .processing_mpsm import MPSMProcessor
 
 
@@ -160,20 +160,19 @@ def results_table(metrics: dict) -> str:
     return "\n".join([header, "|---" * 10 + "|", "| " + " | ".join(map(str, cells)) + " |"])
 
 
-def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | None = None, template_path=None,
+def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | None = None,
                      training_args: bool = False, base_models: list[str] | None = None, tags: list[str] | None = None):
     """
     The model card of a checkpoint: metadata (library, tags, `model-index` from `metrics`) and the body rendered
-    from the variant's template, `hub_configs/mpsm-{dis,dir,ensemble}/README.md` unless `template_path` is given.
+    from the variant's template, `hub_configs/mpsm-{dis,dir,ensemble}/README.md`.
     `training_args` tells the card that the repository holds the run's `training_args.json`; `base_models` are the
     Hub ids the model was built from (the ensemble's published members). A `dataset` of the metrics that is a Hub id
     ("org/name") is also listed in the card's `datasets`.
     """
     variant = model_variant(config)
-    if template_path is None:
-        template_path = HUB_CONFIGS_DIR / f"mpsm-{variant}" / "README.md"
-        if not template_path.is_file():
-            raise ValueError(f"no card template for the {variant!r} variant at {template_path}; pass `template_path`")
+    template_path = HUB_CONFIGS_DIR / f"mpsm-{variant}" / "README.md"
+    if not template_path.is_file():
+        raise ValueError(f"no card template for the {variant!r} variant at {template_path}")
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         library_name="transformers",
@@ -195,9 +194,8 @@ def build_model_card(config, repo_id: str, num_parameters: int, metrics: dict | 
     )
 
 
-def write_repo(model, output_dir, repo_id: str, processor=None, metrics: dict | None = None, template_path=None,
-               training_args_file=None, base_models: list[str] | None = None, tags: list[str] | None = None,
-               max_shard_size="50GB"):
+def write_repo(model, output_dir, repo_id: str, processor=None, metrics: dict | None = None, training_args_file=None,
+               base_models: list[str] | None = None, tags: list[str] | None = None, max_shard_size="50GB"):
     """
     Write the repository folder of a loaded `model` (and its `processor`) into `output_dir`: safetensors weights and
     a `config.json` with `auto_map` next to the code `save_pretrained` copies (`modeling_mpsm.py`,
@@ -210,14 +208,14 @@ def write_repo(model, output_dir, repo_id: str, processor=None, metrics: dict | 
         processor.save_pretrained(output_dir)
     if training_args_file is not None:
         write_public_training_args(training_args_file, output_dir / "training_args.json")
-    card = build_model_card(model.config, repo_id, model.num_parameters(), metrics, template_path,
+    card = build_model_card(model.config, repo_id, model.num_parameters(), metrics,
                             training_args=training_args_file is not None, base_models=base_models, tags=tags)
     card.save(output_dir / "README.md")
     return sorted(path for path in output_dir.rglob("*") if path.is_file())
 
 
 def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None = None, processor_dir=None,
-                  template_path=None, base_models: list[str] | None = None) -> list[Path]:
+                  base_models: list[str] | None = None) -> list[Path]:
     """
     Check a checkpoint directory, load it with the package's classes and write its repository folder into
     `output_dir` (`write_repo`); returns its files. Fails if the weights do not match the configuration.
@@ -230,8 +228,8 @@ def assemble_repo(checkpoint_dir, output_dir, repo_id: str, metrics: dict | None
         raise ValueError(f"the weights in {checkpoint_dir} do not match its config.json: {mismatched}")
     processor = MPSMProcessor.from_pretrained(processor_dir or checkpoint_dir)
     training_args = Path(checkpoint_dir) / "training_args.json"
-    return write_repo(model, output_dir, repo_id, processor, metrics, template_path,
-                      training_args if training_args.is_file() else None, base_models)
+    return write_repo(model, output_dir, repo_id, processor, metrics, training_args if training_args.is_file() else None,
+                      base_models)
 
 
 LOCAL_PATH_SETTINGS = ("data_dir", "output_dir", "config", "vocab", "resume_from_checkpoint")
@@ -313,7 +311,7 @@ def push_model_to_hub(model, repo_id: str, *, processor=None, metrics=None, base
                       private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
                       max_shard_size="50GB", tags: list[str] | None = None):
     """
-    What `MPSMModel.push_to_hub` / `MPSMEnsembleModel.push_to_hub` do when this package is installed: the same
+    What `MPSMModel.push_to_hub` / `MPSMEnsembleModel.push_to_hub` of this package do (set below): the same
     complete repository as `publish` (weights, code, a card with `model-index` from `metrics` — a dict or an
     evaluation JSON path — and the processor with its tokenizer when `processor` is given), uploaded in one commit.
     The other arguments are those of transformers' `push_to_hub`.
@@ -327,3 +325,7 @@ def push_model_to_hub(model, repo_id: str, *, processor=None, metrics=None, base
                    max_shard_size=max_shard_size)
         return upload_repo(folder, repo_id, private, revision, commit_message, token=token, create_pr=create_pr,
                            commit_description=commit_description)
+
+
+# The package's models push the complete repository; modeling_mpsm.py never imports this module (no import circle).
+MPSMHubMixin.publish = staticmethod(push_model_to_hub)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from modeling_mpsm.processing_mpsm import (
-    DependencyParser,
     FallbackDependencyParser,
     MPSMProcessor,
     SpacyDependencyParser,
@@ -95,24 +94,6 @@ def test_fallback_warns_once():
         get_dependency_parser("stanza")
 
 
-class CountingParser(DependencyParser):
-    def __init__(self):
-        self.calls = []
-
-    def parse(self, words):
-        self.calls.append(words)
-        return [0] * len(words)
-
-
-def test_parse_cache_is_consulted_and_filled(processor):
-    parser = CountingParser()
-    processor.parser = parser
-    processor.parse_cache = {"a red bike": [0, 0, 0]}
-    processor(text=["a red bike", "moves"])
-    assert parser.calls == [["moves"]]
-    assert processor.parse_cache["moves"] == [0]
-
-
 def test_regions_hand_checked(processor):
     features = np.arange(2 * 3 * 2, dtype=np.float64).reshape(2, 3, 2) + 1
     boxes = [
@@ -188,7 +169,6 @@ def test_save_load_round_trip(tmp_path):
     processor = MPSMProcessor(
         build_tokenizer(WORD2IDX), num_regions=10, max_length=20, dependency_parser=SPACY, region_feature_dim=8
     )
-    processor.parse_cache = {"a": [0]}
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["auto_map"] == {"AutoProcessor": "processing_mpsm.MPSMProcessor"}
@@ -198,7 +178,6 @@ def test_save_load_round_trip(tmp_path):
     settings = ("num_regions", "max_length", "dependency_parser", "region_feature_dim")
     assert [getattr(loaded, name) for name in settings] == [10, 20, SPACY, 8]
     assert loaded.tokenizer.get_vocab() == WORD2IDX
-    assert loaded.parse_cache is None
 
 
 def test_auto_processor_offline_in_fresh_process(tmp_path):

@@ -51,15 +51,8 @@ def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=
     if parser is not None:
         from ..processing_mpsm import tokenize_caption
     progress = progress_bar(total=sum(stop - start for start, stop in chunks), desc=f"converting {split_name}", unit="image")
-    dtype = FEATURE_DTYPES[feature_dtype]
     for start, stop in chunks:
-        features = np.asarray(split.images[start:stop], dtype=dtype)
-        bad = ~np.isfinite(features).all(axis=(1, 2))  # NaN/Inf in the file, or values beyond the dtype's range
-        if bad.any():
-            raise ValueError(
-                f"{split.images_path}: images {(start + np.flatnonzero(bad)).tolist()} have NaN, Inf or values "
-                f"beyond the {feature_dtype} range (|x| > {np.finfo(dtype).max:.6g}); expected finite region features."
-            )
+        features = split.region_features(start, stop, FEATURE_DTYPES[feature_dtype])
         boxes = split.normalized_boxes(start, stop)
         captions = split.captions[start * CAPTIONS_PER_IMAGE : stop * CAPTIONS_PER_IMAGE]
         if parser is not None:
@@ -78,12 +71,6 @@ def _rows(data_dir: str, split_name: str, chunks: list[tuple[int, int]], parser=
             yield row
         progress.update(stop - start)
     progress.close()
-
-
-def _parser_name(parser) -> str | None:
-    if parser is None:
-        return None
-    return getattr(parser, "model_name", None) or type(parser).__name__
 
 
 def convert_to_arrow(
@@ -115,7 +102,7 @@ def convert_to_arrow(
     fingerprint = {
         "version": CONVERSION_VERSION,
         "data_dir": data_dir,
-        "parser": _parser_name(parser),
+        "parser": None if parser is None else getattr(parser, "model_name", None) or type(parser).__name__,
         "feature_dtype": feature_dtype,
         "splits": {name: ScanSplit(data_dir, name).fingerprint() for name in splits},
     }
@@ -157,10 +144,6 @@ def convert_to_arrow(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return datasets.load_from_disk(output_dir)
-
-
-def _is_scan_dir(path: str, split: str) -> bool:
-    return os.path.isfile(os.path.join(path, f"{split}_ims.npy")) or os.path.isfile(os.path.join(path, f"{split}_caps.txt"))
 
 
 def _load_from_disk(path: str):
@@ -250,7 +233,7 @@ def load_split(data_dir: str, split: str, parser=None, name: str | None = None) 
         dataset = _split_of(_load_from_disk(path), split, name)
     elif os.path.isfile(os.path.join(path, "state.json")):
         dataset = _load_from_disk(path)
-    elif _is_scan_dir(path, split):
+    elif any(os.path.isfile(os.path.join(path, f"{split}_{suffix}")) for suffix in ("ims.npy", "caps.txt")):
         return convert_to_arrow(path, os.path.join(path, "arrow_cache", split), splits=(split,), parser=parser)[split]
     elif _is_parquet_folder(path) or (not os.path.exists(path) and _is_hub_id(path)):
         dataset = _split_of(_load_dataset(path, name), split, name)

@@ -13,10 +13,6 @@ import torch
 from ..common import CAPTIONS_PER_IMAGE
 
 
-def _heads_list(heads) -> list[list[int]] | None:
-    return None if heads is None else [[int(h) for h in caption] for caption in heads]
-
-
 class CaptionPairDataset(torch.utils.data.Dataset):
     """Caption-level view of an image-level dataset: item `i` pairs caption `i % 5` with image `i // 5`.
 
@@ -97,11 +93,11 @@ def caption_batches(dataset: datasets.Dataset, batch_size: int, processor=None) 
     for start in range(0, num_captions, batch_size):
         stop = min(start + batch_size, num_captions)
         rows = view[start // CAPTIONS_PER_IMAGE : (stop - 1) // CAPTIONS_PER_IMAGE + 1]
-        offset = start - (start // CAPTIONS_PER_IMAGE) * CAPTIONS_PER_IMAGE
-        texts = [c for captions in rows["captions"] for c in captions][offset : offset + stop - start]
+        window = slice(start % CAPTIONS_PER_IMAGE, start % CAPTIONS_PER_IMAGE + stop - start)  # in the rows' captions
+        texts = [c for captions in rows["captions"] for c in captions][window]
         heads = None
         if "dependency_heads" in rows:
-            heads = _heads_list([h for image in rows["dependency_heads"] for h in image][offset : offset + stop - start])
+            heads = [[int(h) for h in caption] for image in rows["dependency_heads"] for caption in image][window]
         batch = {"text": texts, "dependency_heads": heads}
         if processor is not None:
             batch = processor(**batch)

@@ -46,10 +46,6 @@ def num_shards(dataset: datasets.Dataset, max_shard_size: int | str = DEFAULT_MA
     return max(1, math.ceil(dataset.data.nbytes / convert_file_size_to_int(max_shard_size)))
 
 
-def _size_category(num_rows: int) -> str:
-    return next((label for bound, label in SIZE_CATEGORIES if num_rows < bound), "1M<n<10M")
-
-
 def splits_table(dataset_dict: datasets.DatasetDict, shards: dict[str, int]) -> str:
     """The splits as a markdown table (images, captions, Parquet files) for the body of the card."""
     rows = ["| Split | Images | Captions | Parquet files |", "|---|---:|---:|---:|"]
@@ -78,6 +74,7 @@ def build_dataset_card(dataset_dict: datasets.DatasetDict, shards: dict[str, int
     """
     repo_id = repo_id or "ORG/NAME"
     first = next(iter(dataset_dict.values()))
+    num_rows = sum(len(dataset) for dataset in dataset_dict.values())
     num_regions, feature_dim = first.features["region_features"].shape
     if "dependency_heads" not in first.column_names:
         dependency_parser = None
@@ -87,7 +84,7 @@ def build_dataset_card(dataset_dict: datasets.DatasetDict, shards: dict[str, int
         language=["en"],
         task_categories=TASK_CATEGORIES,
         tags=CARD_TAGS,
-        size_categories=[_size_category(sum(len(dataset) for dataset in dataset_dict.values()))],
+        size_categories=[next((label for bound, label in SIZE_CATEGORIES if num_rows < bound), "1M<n<10M")],
         configs=[{
             "config_name": "default",
             "data_files": [{"split": split, "path": f"{DATA_FOLDER}/{split}-*"} for split in dataset_dict],

@@ -107,6 +107,17 @@ class ScanSplit:
     def feature_dim(self) -> int:
         return self.images.shape[2]
 
+    def region_features(self, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """Features of images `start:stop` as `dtype` `[stop - start, R, D]`, checked finite in that dtype."""
+        features = np.asarray(self.images[start:stop], dtype=dtype)
+        bad = ~np.isfinite(features).all(axis=(1, 2))  # NaN/Inf in the file, or values beyond the dtype's range
+        if bad.any():
+            raise ValueError(
+                f"{self.images_path}: images {(start + np.flatnonzero(bad)).tolist()} have NaN, Inf or values beyond "
+                f"the {np.dtype(dtype).name} range (|x| > {np.finfo(dtype).max:.6g}); expected finite region features."
+            )
+        return features
+
     def normalized_boxes(self, start: int, stop: int) -> np.ndarray | None:
         """Boxes of images `start:stop` in [0, 1], float32 `[stop - start, R, 4]`, or `None` without a box file."""
         if self.boxes is None:
