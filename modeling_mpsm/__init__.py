@@ -22,13 +22,9 @@ AutoModel.register(MPSMEnsembleConfig, MPSMEnsembleModel, exist_ok=True)
 
 # importing the pipeline registers the "mpsm-retrieval" task with transformers' `pipeline()` in this process too
 from .pipeline_mpsm import MPSMRetrievalPipeline
+from .processing_mpsm import MPSMProcessor
 
-try:
-    from .processing_mpsm import MPSMProcessor
-
-    MPSMProcessor.register_for_auto_class()
-except ImportError:  # the processor module is optional while the package is being assembled
-    MPSMProcessor = None
+MPSMProcessor.register_for_auto_class()
 
 __all__ = [
     "MPSMConfig",
