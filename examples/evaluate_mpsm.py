@@ -45,7 +45,8 @@ def write_json(path, value):
 class EvaluationArguments:
     model: list[str] = argument(help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel); several evaluate the "
                                      "mean of their score matrices (MPSM*).")
-    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
+    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset "
+                                  "id.")
     protocol: str = argument("f30k", choices=sorted(PROTOCOL_FOLDS))
     split: str | None = argument(None, "Default: test for f30k, testall for coco1k/coco5k.")
     output_json: str | None = argument(None, "Write the metrics here.")
@@ -64,7 +65,8 @@ class EvaluationArguments:
 
 
 def parse_args(argv=None) -> EvaluationArguments:
-    args = ArgumentParser(EvaluationArguments, description="Evaluate MPSM (or MPSM*) on image-text retrieval.").parse(argv)
+    parser = ArgumentParser(EvaluationArguments, description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
+    args = parser.parse(argv)
     args.split = args.split or DEFAULT_SPLITS[args.protocol]
     return args
 

@@ -42,7 +42,8 @@ from modeling_mpsm.visualization import plot_word_region_attention
 @dataclasses.dataclass
 class RetrievalArguments:
     model: str = argument(help="Model folder (MPSMModel or MPSMEnsembleModel, with its processor).")
-    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
+    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset "
+                                  "id.")
     split: str = argument("test")
     query: str | None = argument(None, "The caption to search for (or --queries_file).")
     queries_file: str | None = argument(None, "Text file of captions, one per line (blank lines skipped): each is "

@@ -76,7 +76,8 @@ class TrainingArguments(LoopSettings):
     member: str | None = argument(None, "Member to train from an ensemble's --config.",
                                   choices=list(PERSPECTIVES.values()))
     set: list[str] = argument([], "Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
-                                  "repeatable, a later value of the same KEY wins.", action="extend", metavar="KEY=VALUE")
+                                  "repeatable, a later value of the same KEY wins.",
+                              action="extend", metavar="KEY=VALUE")
     similarity: str | None = argument(None, "Similarity perspective (MPSMConfig.similarity); `joint` trains every "
                                             "perspective's head.", choices=[*PERSPECTIVES, "joint"])
     vocab: str | None = argument(None, "SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")

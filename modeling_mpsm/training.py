@@ -548,8 +548,9 @@ def train_loop(
     Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
 
     Each batch (`_Loop.train_batch`): set the loss mode (`set_loss_mode`: sum of violations during the warm-up of
-    `warmup_steps` updates, or `sum_violation_warmup_epochs` epochs when it is None, then hardest negatives), forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at
-    an update, if the gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
+    `warmup_steps` updates, or `sum_violation_warmup_epochs` epochs when it is None, then hardest negatives),
+    forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at an update, if the
+    gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
     the schedule; with a `refresh`, every `refresh.every` updates, new partners for the rest of the epoch (its
     iteration starts again after the batches already drawn); every `eval_steps` updates and at the end of each epoch:
     `validate()` (metrics with `rsum`, the same on every process) and, on a new best rsum, `save_best(metrics)`.
