@@ -481,56 +481,6 @@ def _apply_update(accelerator, model, optimizer, loss, state: TrainingState, gra
     return finite
 
 
-def _count_skipped(state: TrainingState, settings: LoopSettings) -> None:
-    """Counts a skipped batch, warns, and raises `NonFiniteLossError` after `max_nonfinite_steps` in a row."""
-    state.nonfinite_steps += 1
-    state.nonfinite_in_row += 1
-    warnings.warn(
-        f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
-        f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total)."
-    )
-    if state.nonfinite_in_row >= settings.max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
-            f"{state.global_step}); training stopped. The last checkpoint in "
-            f"{os.path.join(settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
-            f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
-        )
-
-
-def _log_record(accelerator, state: TrainingState, losses: list[float], learning_rate: float, max_violation: bool,
-                device) -> dict:
-    """The log record of the updates since the last one: their mean finite loss (over processes), the learning rate,
-    the loss mode and the counters of skipped batches (and the fp16 loss scale)."""
-    mean_loss = torch.tensor(sum(losses) / len(losses) if losses else math.nan, device=device)
-    mean_loss = accelerator.reduce(mean_loss, "mean").item()
-    record = {
-        "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
-        "lr": learning_rate, "max_violation": max_violation,
-        "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
-    }
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None:
-        record["loss_scale"] = scaler.get_scale()
-    return record
-
-
-def _write_training_record(accelerator, log: TrainingLog, progress, record: dict) -> None:
-    """Writes a `_log_record` to the log file, the trackers and the progress bar."""
-    log.write(record)
-    mean_loss = math.nan if record["loss"] is None else record["loss"]
-    accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=record["step"])
-    progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
-
-
-def _warn_collapse(step: int) -> None:
-    warnings.warn(
-        f"Step {step}: every pair of the batch has the same score, so the triplet loss has no gradient (collapsed, "
-        "saturated scores). Consider a longer --warmup_steps, a lower learning rate or --set max_violation=false; "
-        "the best model saved so far is kept."
-    )
-
-
 def train_loop(
     accelerator,
     model,
@@ -641,8 +591,23 @@ class _Loop:
             state.nonfinite_in_row = 0
             self.window.append(outputs.loss.item())
         else:
-            _count_skipped(state, settings)
+            self.count_skipped()
         return outputs, max_violation
+
+    def count_skipped(self):
+        """Counts a skipped batch, warns, and raises `NonFiniteLossError` after `max_nonfinite_steps` in a row."""
+        state = self.state
+        state.nonfinite_steps += 1
+        state.nonfinite_in_row += 1
+        warnings.warn(f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
+                      f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total).")
+        if state.nonfinite_in_row >= self.settings.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
+                f"{state.global_step}); training stopped. The last checkpoint in "
+                f"{os.path.join(self.settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
+                f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
+            )
 
     def finish_update(self, outputs, max_violation: bool):
         """After an optimizer update: count it, step the schedule, then the log record, new partners, validation and
@@ -652,19 +617,38 @@ class _Loop:
         self.scheduler.step()
         self.progress.update(1)
         if state.global_step % settings.logging_steps == 0 or state.global_step == self.max_steps:
-            record = _log_record(self.accelerator, state, self.window, self.scheduler.get_last_lr()[0], max_violation,
-                                 outputs.loss.device)
-            _write_training_record(self.accelerator, self.log, self.progress, record)
-            self.window = []
-            if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
-                self.warned_collapse = True
-                _warn_collapse(state.global_step)
+            self.log_training(outputs, max_violation)
         if self.refresh and state.global_step % self.refresh.every == 0 and state.global_step < self.max_steps:
             self.replace_partners()
         if settings.eval_steps and state.global_step % settings.eval_steps == 0:
             self.run_validation()
         if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
             self.checkpoint()
+
+    def log_training(self, outputs, max_violation: bool):
+        """The record of the updates since the last one (their mean finite loss over processes, the learning rate, the
+        loss mode, the counters of skipped batches and the fp16 loss scale) to the log file, the trackers and the
+        progress bar; a warning the first time the batch's scores have collapsed to one value."""
+        state, accelerator, scaler = self.state, self.accelerator, getattr(self.accelerator, "scaler", None)
+        losses, self.window = self.window or [math.nan], []
+        mean_loss = torch.tensor(sum(losses) / len(losses), device=outputs.loss.device)
+        mean_loss = accelerator.reduce(mean_loss, "mean").item()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.log.write({
+            "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
+            "lr": learning_rate, "max_violation": max_violation,
+            "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
+            **({} if scaler is None else {"loss_scale": scaler.get_scale()}),
+        })
+        accelerator.log({"train/loss": mean_loss, "train/lr": learning_rate}, step=state.global_step)
+        self.progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+        if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
+            self.warned_collapse = True
+            warnings.warn(
+                f"Step {state.global_step}: every pair of the batch has the same score, so the triplet loss has no "
+                "gradient (collapsed, saturated scores). Consider a longer --warmup_steps, a lower learning rate or "
+                "--set max_violation=false; the best model saved so far is kept."
+            )
 
     def replace_partners(self):
         """`refresh.mine()` replaces the sampler's partners after the batches drawn so far in the epoch (by every
