@@ -298,6 +298,18 @@ def load_checkpoint(accelerator, checkpoint, state):
     logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
 
 
+def write_settings(args, accelerator, config):
+    """The run's settings to the trackers (with --with_tracking) and to OUTPUT_DIR/training_args.json, which --config
+    reads back."""
+    training = {k: v for k, v in dataclasses.asdict(args).items() if k != "model_fields"}
+    if args.with_tracking:
+        hyperparameters = {k: v for k, v in training.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as file:
+            json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
+
+
 def run(args, accelerator):
     """Everything after the Accelerator exists: data, model, training. Returns the final `TrainingState`."""
     output_dir = args.output_dir
@@ -346,14 +358,7 @@ def run(args, accelerator):
     log.restart_at(state.global_step)
     if args.partners in MINED_PARTNERS:
         write_partners(accelerator, output_dir, sampler.partners)
-    if args.with_tracking:
-        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
-    if accelerator.is_main_process:
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as file:
-            training = {k: v for k, v in dataclasses.asdict(args).items() if k != "model_fields"}
-            json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
-
+    write_settings(args, accelerator, config)
     if args.max_eval_images:
         dev = dev.select(range(min(args.max_eval_images, len(dev))))
 
