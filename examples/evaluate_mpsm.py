@@ -55,8 +55,8 @@ class EvaluationArguments:
                                             "name.")
     bf16: bool = argument(False, "Score pairs in bfloat16 on a cast copy of the model, then re-score the top "
                                  "--refine_k of every query in float32 (default: float32).")
-    refine_k: int = argument(20, "With --bf16: candidates per query re-scored in float32 (0: none).",
-                             "non-negative integer")
+    # checked by `score_matrix` (docs/errors.md)
+    refine_k: int = argument(20, "With --bf16: candidates per query re-scored in float32 (0: none).")
     compile: bool = argument(False, "torch.compile the per-pair part (pays off on large matrices, which amortise its "
                                     "compilation time).")
     batch_size: int = argument(128, "Images or captions encoded at a time.", "positive integer")
