@@ -30,7 +30,7 @@ from modeling_mpsm.data.synthetic import twin_accuracy
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
-from modeling_mpsm.common import RECALL_KS, ArgumentParser, argument, atomic_write
+from modeling_mpsm.common import RECALL_KS, ArgumentParser, argument, atomic_write, report_error
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
@@ -115,13 +115,7 @@ def main(argv=None) -> int:
     try:
         return evaluate_and_report(args, accelerator)
     except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
-        # Bad inputs (missing or corrupt model or data, mismatched model and data) and I/O failures: one line naming
-        # the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+        return report_error(error)
 
 
 def evaluate_and_report(args, accelerator) -> int:

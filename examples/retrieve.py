@@ -32,7 +32,7 @@ from modeling_mpsm import MPSMProcessor
 from modeling_mpsm.data import image_batches, load_split
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm import retrieval
-from modeling_mpsm.common import ArgumentParser, argument, check_arguments
+from modeling_mpsm.common import ArgumentParser, argument, check_arguments, report_error
 from modeling_mpsm.retrieval import METADATA_NAME, MPSMIndex, MPSMRetriever
 from modeling_mpsm.scoring import encode_images
 from modeling_mpsm.data.vocabulary import tokenize_caption
@@ -99,14 +99,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return search(args)
-    except (OSError, ValueError, KeyError, ImportError, DatasetGenerationError) as error:
-        # Bad inputs (missing or corrupt model or data) and I/O failures: one line naming the problem instead of a
-        # traceback, as in examples/evaluate_mpsm.py; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError, ImportError, DatasetGenerationError) as error:  # faiss missing: ImportError
+        return report_error(error)
 
 
 def load_gallery(args, model, processor, dataset, is_main):

@@ -31,7 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.common import CAPTIONS_PER_IMAGE, ArgumentParser, argument, atomic_write_text, check_arguments
+from modeling_mpsm.common import CAPTIONS_PER_IMAGE, ArgumentParser, argument, atomic_write_text, check_arguments, report_error
 from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
@@ -427,13 +427,7 @@ def main(argv=None) -> int:
         logger.error(str(error), main_process_only=True)
         status = 1
     except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
-        # Bad inputs (missing files or splits, corrupt data, bad settings) and I/O failures (read-only or full disk):
-        # one line naming the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        status = 2
+        status = report_error(error)
     if args.with_tracking:
         accelerator.end_training()
     # A clean exit in distributed runs: every process reaches this barrier, then tears the process group down

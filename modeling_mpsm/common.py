@@ -24,7 +24,7 @@ from .metrics.recall_at_k.ranking import CAPTIONS_PER_IMAGE, RECALL_KS
 
 
 __all__ = ["CAPTIONS_PER_IMAGE", "HUB_CONFIGS_DIR", "METRIC_KEYS", "RECALL_KS", "ArgumentParser", "argument",
-           "atomic_write", "atomic_write_text", "check_arguments", "progress_bar"]
+           "atomic_write", "atomic_write_text", "check_arguments", "progress_bar", "report_error"]
 
 
 # The model-card and dataset-card templates, inside the package (the repository's top-level `hub_configs` points
@@ -154,3 +154,18 @@ def check_arguments(parser, arguments) -> None:
             expected, valid = VALUE_RULES[field.metadata["must_be"]]
             if not valid(value):
                 parser.error(f"--{field.name} must be {expected}, got {value!r}.")
+
+
+def report_error(error: Exception) -> int:
+    """
+    A command line's end on a bad input (missing or corrupt model, data or checkpoint, settings that do not fit) or an
+    I/O failure (read-only or full disk): one line `error: <message>` on stderr instead of a traceback (for a
+    `datasets` generation error, its cause, which names the file), and exit status 2. `MPSM_TRACEBACK=1` re-raises.
+    """
+    from datasets.exceptions import DatasetGenerationError  # the CLIs have imported `datasets` already
+
+    if os.environ.get("MPSM_TRACEBACK"):
+        raise error
+    cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+    print(f"error: {cause}", file=sys.stderr)
+    return 2

@@ -547,6 +547,7 @@ class _Loop:
         self.partners_replaced = False
 
     def run(self) -> TrainingState:
+        """The epochs from `state` on (a resumed one from its next batch), then the last validation and checkpoint."""
         state, accelerator, dataloader = self.state, self.accelerator, self.dataloader
         self.model.train()
         while state.global_step < self.max_steps and state.epoch < self.num_epochs:
