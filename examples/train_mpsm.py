@@ -179,14 +179,11 @@ def _model_fields(parser, args, model_fields):
 
 
 def _check_settings(parser, args):
-    """`parser.error` for a bad --checkpointing_steps, a value out of its field's range (`check_arguments`), or
-    --partners, --partner_refresh_steps or --hub_model_id that do not fit the other flags; --checkpointing_steps N
-    becomes an int."""
-    if args.checkpointing_steps not in (None, "epoch"):
-        if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
-        args.checkpointing_steps = int(args.checkpointing_steps)
+    """`parser.error` for a value out of its field's range (`check_arguments`), or --partners,
+    --partner_refresh_steps or --hub_model_id that do not fit the other flags; --checkpointing_steps N becomes an int."""
     check_arguments(parser, args)
+    if args.checkpointing_steps not in (None, "epoch"):
+        args.checkpointing_steps = int(args.checkpointing_steps)
     if args.partners and args.batch_size % 2:
         parser.error(f"--partners needs an even --batch_size (captions come in partner pairs), got {args.batch_size}.")
     if args.partner_refresh_steps is not None and args.partners != "embeddings":

@@ -111,6 +111,8 @@ VALUE_RULES = {
     "positive number or inf": ("a positive number", lambda value: _number(value) and value > 0),
     "non-negative number": ("a number >= 0", lambda value: _number(value) and 0 <= value < math.inf),
     "epochs": ("integers >= 0 (epochs, 0-based)", lambda values: all(_integer(v) and v >= 0 for v in values)),
+    "steps or epoch": ("a positive integer or 'epoch'", lambda value: value == "epoch" or (
+        not isinstance(value, bool) and str(value).isdigit() and int(value) >= 1)),
 }
 
 

@@ -423,7 +423,7 @@ class LoopSettings:
     sum_violation_warmup_epochs: float = argument(
         1.0, "Warm-up length in epochs when --warmup_steps is not given.", "non-negative number")
     checkpointing_steps: int | str | None = argument(
-        None, "Save the training state every N updates, or 'epoch'; always at the end.")
+        None, "Save the training state every N updates, or 'epoch'; always at the end.", "steps or epoch")
     checkpoints_total_limit: int | None = argument(None, "Keep only the newest N checkpoints.", "positive integer")
     eval_steps: int | None = argument(
         None, "Also validate every N updates (always after each epoch).", "positive integer")
