@@ -12,7 +12,7 @@ metrics are reported too, under `members`). Recall is computed by the local `eva
 `modeling_mpsm/metrics/recall_at_k`.
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +30,7 @@ from modeling_mpsm.data.synthetic import twin_accuracy
 from modeling_mpsm.evaluation import DEFAULT_SPLITS, METRIC_KEYS, PROTOCOL_FOLDS, fold_score_matrices, mean_metrics
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm.publishing import check_checkpoint
-from modeling_mpsm.common import RECALL_KS, atomic_write
+from modeling_mpsm.common import RECALL_KS, ArgumentParser, argument, atomic_write, report_error
 
 
 METRIC_PATH = os.path.join(os.path.dirname(modeling_mpsm.__file__), "metrics", "recall_at_k")
@@ -41,32 +41,32 @@ def write_json(path, value):
         json.dump(value, file, indent=2)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
-    parser.add_argument("--model", required=True, nargs="+",
-                        help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel); several evaluate the mean of "
-                             "their score matrices (MPSM*).")
-    parser.add_argument("--data_dir", required=True,
-                        help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOL_FOLDS), default="f30k")
-    parser.add_argument("--split", help="Default: test for f30k, testall for coco1k/coco5k.")
-    parser.add_argument("--output_json", help="Write the metrics here.")
-    parser.add_argument("--dataset_id", help="Dataset id written with the metrics (what a Hub card's model-index "
-                                             "names, e.g. nlphuji/flickr30k); default: the --data_dir Hub id, or its "
-                                             "folder's name.")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
-                        help="Dtype of the per-pair scoring: 'auto' times float32 against bfloat16 here once and takes "
-                             "the faster; bfloat16 (on a cast copy of the model) re-scores the top --refine_k of every "
-                             "query in float32.")
-    parser.add_argument("--bf16", action="store_true", help="Same as --dtype bfloat16.")
-    parser.add_argument("--refine_k", type=int, default=20,
-                        help="With --bf16: candidates per query re-scored in float32 (0: none). Default 20.")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the per-pair part (pays off on large matrices: ~1 min to compile).")
-    parser.add_argument("--batch_size", type=int, default=128, help="Images or captions encoded at a time.")
-    parser.add_argument("--parser", help="Dependency parser for the captions; default: the processor's setting.")
-    parser.add_argument("--cpu", action="store_true", help="Evaluate on CPU even if a GPU is available.")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class EvaluationArguments:
+    model: list[str] = argument(help="Model folder or Hub id (MPSMModel or MPSMEnsembleModel); several evaluate the "
+                                     "mean of their score matrices (MPSM*).")
+    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset "
+                                  "id.")
+    protocol: str = argument("f30k", choices=sorted(PROTOCOL_FOLDS))
+    split: str | None = argument(None, "Default: test for f30k, testall for coco1k/coco5k.")
+    output_json: str | None = argument(None, "Write the metrics here.")
+    dataset_id: str | None = argument(None, "Dataset id written with the metrics (what a Hub card's model-index names, "
+                                            "e.g. nlphuji/flickr30k); default: the --data_dir Hub id, or its folder's "
+                                            "name.")
+    bf16: bool = argument(False, "Score pairs in bfloat16 on a cast copy of the model, then re-score the top "
+                                 "--refine_k of every query in float32 (default: float32).")
+    # checked by `score_matrix` (docs/errors.md)
+    refine_k: int = argument(20, "With --bf16: candidates per query re-scored in float32 (0: none).")
+    compile: bool = argument(False, "torch.compile the per-pair part (pays off on large matrices, which amortise its "
+                                    "compilation time).")
+    batch_size: int = argument(128, "Images or captions encoded at a time.", "positive integer")
+    parser: str | None = argument(None, "Dependency parser for the captions; default: the processor's setting.")
+    cpu: bool = argument(False, "Evaluate on CPU even if a GPU is available.")
+
+
+def parse_args(argv=None) -> EvaluationArguments:
+    parser = ArgumentParser(EvaluationArguments, description="Evaluate MPSM (or MPSM*) on image-text retrieval.")
+    args = parser.parse(argv)
     args.split = args.split or DEFAULT_SPLITS[args.protocol]
     return args
 
@@ -95,17 +95,10 @@ def score_folds(path, args, accelerator):
         )
     matrices = fold_score_matrices(
         model, dataset, processor, PROTOCOL_FOLDS[args.protocol], batch_size=args.batch_size,
-        dtype=scoring_dtype(args), accelerator=accelerator, refine_k=args.refine_k,
+        dtype=torch.bfloat16 if args.bf16 else None, accelerator=accelerator, refine_k=args.refine_k,
         compile=args.compile,
     )
     return matrices, len(dataset)
-
-
-def scoring_dtype(args):
-    """The `dtype` argument of `score_matrix` for --dtype / --bf16."""
-    if args.bf16 or args.dtype == "bfloat16":
-        return torch.bfloat16
-    return "auto" if args.dtype == "auto" else None
 
 
 def format_table(metrics: dict) -> str:
@@ -122,13 +115,7 @@ def main(argv=None) -> int:
     try:
         return evaluate_and_report(args, accelerator)
     except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
-        # Bad inputs (missing or corrupt model or data, mismatched model and data) and I/O failures: one line naming
-        # the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+        return report_error(error)
 
 
 def evaluate_and_report(args, accelerator) -> int:
@@ -141,7 +128,9 @@ def evaluate_and_report(args, accelerator) -> int:
     if len(args.model) > 1 and accelerator.is_main_process:  # MPSM*: each member's own metrics are reported too
         for path, member_matrices in zip(args.model, per_model):
             members[path] = mean_metrics([recall_at_k.compute(similarities=m.numpy()) for m in member_matrices])
-    matrices = [sum(fold) / len(fold) for fold in zip(*per_model)]  # MPSM*: the mean of the models' matrices
+    # MPSM*: the mean of the members' score matrices, the scores of their MPSMEnsembleModel, from the matrices each
+    # member's own metrics are computed on (the ensemble model would score every pair a second time)
+    matrices = [sum(fold) / len(fold) for fold in zip(*per_model)]
 
     if accelerator.is_main_process:
         metrics = mean_metrics([recall_at_k.compute(similarities=matrix.numpy()) for matrix in matrices])

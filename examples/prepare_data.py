@@ -14,7 +14,7 @@ typed `datasets.Features`) and a dataset card `README.md` with YAML metadata (se
 `--data_dir` for training, evaluation and retrieval, and so is the Hub id once pushed.
 """
 
-import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -24,6 +24,7 @@ from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from modeling_mpsm.common import ArgumentParser, argument
 from modeling_mpsm.data.arrow import FEATURE_DTYPES, convert_to_arrow
 from modeling_mpsm.data.hub import DEFAULT_MAX_SHARD_SIZE, check_output_folder, push_dataset_folder, write_hub_folder
 from modeling_mpsm.processing_mpsm import get_dependency_parser
@@ -32,30 +33,32 @@ from modeling_mpsm.processing_mpsm import get_dependency_parser
 DEFAULT_DETECTOR = "BUTD Faster R-CNN (ResNet-101, Visual Genome; Anderson et al. 2018), as in SCAN's features"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Convert SCAN-format region features and captions to Arrow, or to "
-                                                 "Parquet shards with a dataset card for the Hub.")
-    parser.add_argument("--data_dir", required=True, help="directory with {split}_ims.npy and {split}_caps.txt")
-    parser.add_argument("--output_dir", required=True, help="where the DatasetDict (or the Hub folder) is written")
-    parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
-    parser.add_argument(
-        "--parser",
-        default="spacy:en_core_web_sm",
-        help="dependency parser: 'spacy:<pipeline>', 'fallback' (neighbouring words) or 'none' (no parses stored)",
-    )
-    parser.add_argument("--num_proc", type=int, default=1)
-    parser.add_argument("--feature_dtype", choices=sorted(FEATURE_DTYPES), default="float16",
-                        help="storage dtype of the region features (float16 halves the size)")
-    parser.add_argument("--format", choices=["arrow", "hub"], default="arrow",
-                        help="'arrow': a DatasetDict (save_to_disk); 'hub': Parquet shards and a dataset card")
-    hub = parser.add_argument_group("--format hub")
-    hub.add_argument("--detector", default=DEFAULT_DETECTOR, help="the detector of the region features (card metadata)")
-    hub.add_argument("--license", default="unknown", help="Hub license id of the card; 'unknown' is a placeholder")
-    hub.add_argument("--pretty_name", help="title of the card; default: the repository name")
-    hub.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, help="largest Parquet file, e.g. 500MB")
-    hub.add_argument("--push_to_hub", metavar="ORG/NAME", help="upload the folder to this dataset repository")
-    hub.add_argument("--private", action="store_true", help="create the --push_to_hub repository private")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class PrepareDataArguments:
+    data_dir: str = argument(help="directory with {split}_ims.npy and {split}_caps.txt")
+    output_dir: str = argument(help="where the DatasetDict (or the Hub folder) is written")
+    splits: list[str] = argument(["train", "dev", "test"])
+    parser: str = argument("spacy:en_core_web_sm", "dependency parser: 'spacy:<pipeline>', 'fallback' (neighbouring "
+                                                   "words) or 'none' (no parses stored)")
+    num_proc: int = argument(1, "processes that parse the captions", "positive integer")
+    feature_dtype: str = argument("float16", "storage dtype of the region features (float16 halves the size)",
+                                  choices=sorted(FEATURE_DTYPES))
+    format: str = argument("arrow", "'arrow': a DatasetDict (save_to_disk); 'hub': Parquet shards and a dataset card",
+                           choices=["arrow", "hub"])
+    # --format hub
+    detector: str = argument(DEFAULT_DETECTOR, "the detector of the region features (card metadata)")
+    license: str = argument("unknown", "Hub license id of the card; 'unknown' is a placeholder")
+    pretty_name: str | None = argument(None, "title of the card; default: the repository name")
+    max_shard_size: str = argument(DEFAULT_MAX_SHARD_SIZE, "largest Parquet file, e.g. 500MB")
+    push_to_hub: str | None = argument(None, "upload the folder to this dataset repository", metavar="ORG/NAME")
+    private: bool = argument(False, "create the --push_to_hub repository private")
+
+
+def parse_args(argv=None) -> PrepareDataArguments:
+    parser = ArgumentParser(PrepareDataArguments, description="Convert SCAN-format region features and captions to "
+                                                              "Arrow, or to Parquet shards with a dataset card for the "
+                                                              "Hub.")
+    args = parser.parse(argv)
     if args.private and not args.push_to_hub:
         parser.error("--private applies to the repository of --push_to_hub: add --push_to_hub ORG/NAME.")
     if args.push_to_hub and args.format != "hub":

@@ -10,23 +10,28 @@ remote code and the processor, given a model card (with a `model-index` of the R
 """
 
 import argparse
+import dataclasses
 
+from modeling_mpsm.common import ArgumentParser, argument
 from modeling_mpsm.publishing import publish
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="directory of the saved model (and processor)")
-    parser.add_argument("--repo_id", required=True, help="Hub repository, ORG/NAME")
-    parser.add_argument("--metrics", help="evaluation JSON: i2t_r1 ... t2i_r10, rsum, dataset[, split, protocol]")
-    parser.add_argument("--processor", help="directory of the saved processor, if not the checkpoint's")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", help="branch to upload to (created if needed); default: the main branch")
-    parser.add_argument("--commit_message", help="defaults to 'Upload NAME'")
-    parser.add_argument("--base_model", nargs="+", help="Hub ids of the ensemble's published members (card metadata)")
-    parser.add_argument("--dry_run", action="store_true", help="print the files and the card, upload nothing")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class PublishArguments:
+    checkpoint: str = argument(help="directory of the saved model (and processor)")
+    repo_id: str = argument(help="Hub repository, ORG/NAME")
+    metrics: str | None = argument(None, "evaluation JSON: i2t_r1 ... t2i_r10, rsum, dataset[, split, protocol]")
+    processor: str | None = argument(None, "directory of the saved processor, if not the checkpoint's")
+    private: bool = argument(False, "create the repository private")
+    revision: str | None = argument(None, "branch to upload to (created if needed); default: the main branch")
+    commit_message: str | None = argument(None, "defaults to 'Upload NAME'")
+    base_model: list[str] | None = argument(None, "Hub ids of the ensemble's published members (card metadata)")
+    dry_run: bool = argument(False, "print the files and the card, upload nothing")
 
+
+def main(argv=None):
+    parser = ArgumentParser(PublishArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parser.parse(argv)
     commit = publish(
         args.checkpoint,
         args.repo_id,

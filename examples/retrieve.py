@@ -6,8 +6,8 @@
     accelerate launch --num_processes 4 examples/retrieve.py ... --queries_file captions.txt --index /shared/index
 
 The gallery's per-image outputs are computed once and, with `--index`, saved there (safetensors) and reused by later
-searches. `--first_stage ivf|hnsw` makes the first stage approximate (`MPSMIndex`; the choice and its settings are
-saved with the index, `--nprobe` / `--ef_search` may change on a saved one). `--queries_file` searches every line;
+searches. `--first_stage ivf` makes the first stage approximate (`MPSMIndex`; the choice and its settings are saved
+with the index, `--nprobe` may change on a saved one). `--queries_file` searches every line;
 under `accelerate launch` (one or several machines) every process holds the whole gallery and re-ranks its own share
 of the queries, and the main process prints all results in file order. With `--index` the main process builds and
 saves the gallery first and the others load it (put it on a file system shared by the machines). `--explain` draws,
@@ -16,8 +16,8 @@ missing model or split) end with one `error: ...` line and a non-zero exit statu
 traceback).
 """
 
-import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -32,36 +32,43 @@ from modeling_mpsm import MPSMProcessor
 from modeling_mpsm.data import image_batches, load_split
 from modeling_mpsm.processing_mpsm import get_dependency_parser
 from modeling_mpsm import retrieval
-from modeling_mpsm.retrieval import FIRST_STAGES, METADATA_NAME, MPSMIndex, MPSMRetriever
+from modeling_mpsm.common import ArgumentParser, argument, check_arguments, report_error
+from modeling_mpsm.retrieval import METADATA_NAME, MPSMIndex, MPSMRetriever
 from modeling_mpsm.scoring import encode_images
 from modeling_mpsm.data.vocabulary import tokenize_caption
 from modeling_mpsm.visualization import plot_word_region_attention
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Text-to-image search with MPSM.")
-    parser.add_argument("--model", required=True, help="Model folder (MPSMModel or MPSMEnsembleModel, with its processor).")
-    parser.add_argument("--data_dir", required=True,
-                        help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset id.")
-    parser.add_argument("--split", default="test")
-    queries = parser.add_mutually_exclusive_group(required=True)
-    queries.add_argument("--query", help="The caption to search for.")
-    queries.add_argument("--queries_file", help="Text file of captions, one per line (blank lines skipped): each is "
-                                                "searched; under `accelerate launch` the processes share them out.")
-    parser.add_argument("--k", type=int, default=10, help="Results to show.")
-    parser.add_argument("--rerank_k", type=int, default=100, help="First-stage candidates re-scored by the full model.")
-    parser.add_argument("--index", help="Folder of the cached gallery: loaded when present, written otherwise.")
-    parser.add_argument("--first_stage", choices=FIRST_STAGES,
-                        help="First-stage search: flat (exact, the default for a new index), ivf (faiss IVF-Flat) or "
-                             "hnsw (faiss HNSW); ivf and hnsw need faiss. Default for a saved --index: its own.")
-    parser.add_argument("--nlist", type=int, help="ivf: lists (k-means centroids); default 4 * sqrt(gallery size).")
-    parser.add_argument("--nprobe", type=int, help="ivf: lists scanned per query (default 16; may change on a saved "
-                                                   "index).")
-    parser.add_argument("--ef_search", type=int, help="hnsw: candidates explored per query (default 128).")
-    parser.add_argument("--explain", help="PNG path: per-word region attention on the best image.")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--parser", help="Dependency parser; default: the processor's setting.")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class RetrievalArguments:
+    model: str = argument(help="Model folder (MPSMModel or MPSMEnsembleModel, with its processor).")
+    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset "
+                                  "id.")
+    split: str = argument("test")
+    query: str | None = argument(None, "The caption to search for (or --queries_file).")
+    queries_file: str | None = argument(None, "Text file of captions, one per line (blank lines skipped): each is "
+                                              "searched; under `accelerate launch` the processes share them out.")
+    k: int = argument(10, "Results to show.", "positive integer")
+    rerank_k: int = argument(100, "First-stage candidates re-scored by the full model.", "positive integer")
+    index: str | None = argument(None, "Folder of the cached gallery: loaded when present, written otherwise.")
+    first_stage: str | None = argument(None, "First-stage search: flat (exact, the default for a new index) or ivf "
+                                             "(faiss IVF-Flat, needs faiss). Default for a saved --index: its own.",
+                                       choices=["flat", "ivf"])
+    nlist: int | None = argument(None, "ivf: lists (k-means centroids); default 4 * sqrt(gallery size).",
+                                 "positive integer")
+    nprobe: int | None = argument(None, "ivf: lists scanned per query (default 16; may change on a saved index).",
+                                  "positive integer")
+    explain: str | None = argument(None, "PNG path: per-word region attention on the best image.")
+    batch_size: int = argument(128, must_be="positive integer")
+    parser: str | None = argument(None, "Dependency parser; default: the processor's setting.")
+
+
+def parse_args(argv=None) -> RetrievalArguments:
+    parser = ArgumentParser(RetrievalArguments, description="Text-to-image search with MPSM.")
+    args = parser.parse(argv, check=False)
+    if (args.query is None) == (args.queries_file is None):
+        parser.error("argument --queries_file: not allowed with argument --query" if args.query is not None
+                     else "one of the arguments --query --queries_file is required")
     if args.query is not None and not tokenize_caption(args.query):
         parser.error(f"--query must hold at least one word, got {args.query!r}.")
     if args.queries_file is not None:
@@ -79,14 +86,12 @@ def parse_args(argv=None):
         args.queries = [args.query]
     if args.explain and args.query is None:
         parser.error("--explain needs --query (one caption), not --queries_file.")
-    for name in ("k", "rerank_k", "batch_size", "nlist", "nprobe", "ef_search"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    for name, stage in (("nlist", "ivf"), ("nprobe", "ivf"), ("ef_search", "hnsw")):
-        if getattr(args, name) is not None and args.first_stage not in (None, stage):
-            parser.error(f"--{name} applies to --first_stage {stage}, not {args.first_stage}.")
-    if args.first_stage in ("ivf", "hnsw") and retrieval.faiss is None:  # before the gallery is encoded
-        parser.error(f"--first_stage {args.first_stage} needs faiss (pip install faiss-cpu); without it only flat.")
+    check_arguments(parser, args)
+    for name in ("nlist", "nprobe"):
+        if getattr(args, name) is not None and args.first_stage not in (None, "ivf"):
+            parser.error(f"--{name} applies to --first_stage ivf, not {args.first_stage}.")
+    if args.first_stage == "ivf" and retrieval.faiss is None:  # before the gallery is encoded
+        parser.error("--first_stage ivf needs faiss (pip install faiss-cpu); without it only flat.")
     return args
 
 
@@ -94,27 +99,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return search(args)
-    except (OSError, ValueError, KeyError, ImportError, DatasetGenerationError) as error:
-        # Bad inputs (missing or corrupt model or data) and I/O failures: one line naming the problem instead of a
-        # traceback, as in examples/evaluate_mpsm.py; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, KeyError, ImportError, DatasetGenerationError) as error:  # faiss missing: ImportError
+        return report_error(error)
 
 
 def load_gallery(args, model, processor, dataset, is_main):
     """The image gallery: loaded from `--index` when saved there, else encoded (and saved by the main process)."""
     if args.index and os.path.isfile(os.path.join(args.index, METADATA_NAME)):
-        gallery = MPSMIndex.load(args.index, nprobe=args.nprobe, ef_search=args.ef_search)
+        gallery = MPSMIndex.load(args.index, nprobe=args.nprobe)
         if args.first_stage not in (None, gallery.first_stage):
             raise ValueError(f"the index in {args.index} has first_stage {gallery.first_stage!r}, not "
                              f"{args.first_stage!r}: pass --first_stage {gallery.first_stage} or another --index")
         if args.nlist is not None and args.nlist != gallery.nlist:
             raise ValueError(f"the index in {args.index} was built with nlist {gallery.nlist}, not {args.nlist}")
         return gallery
-    options = {name: getattr(args, name) for name in ("nlist", "nprobe", "ef_search") if getattr(args, name)}
+    options = {name: getattr(args, name) for name in ("nlist", "nprobe") if getattr(args, name)}
     cache = encode_images(model, image_batches(dataset, args.batch_size, processor), progress=is_main)
     gallery = MPSMIndex(cache, first_stage=args.first_stage or "flat", **options).build()
     if args.index and is_main:

@@ -14,7 +14,7 @@ The best model (validation rsum on `dev`) is saved in `--output_dir` itself, loa
 resumable training states are in `<output_dir>/checkpoints/step_N`. See docs/training.md.
 """
 
-import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -31,7 +31,7 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
-from modeling_mpsm.common import CAPTIONS_PER_IMAGE, atomic_write_text
+from modeling_mpsm.common import CAPTIONS_PER_IMAGE, ArgumentParser, argument, atomic_write_text, check_arguments, report_error
 from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.data import CaptionPairDataset, MPSMCollator, dataset_name, load_split
 from modeling_mpsm.evaluation import evaluate_retrieval
@@ -63,140 +63,81 @@ MINED_PARTNERS = ("captions", "embeddings")  # --partners values that mine the p
 PARTNERS_FILE = "partners.json"  # the mined partners, in the output folder (SGRAF's peer script reads this format)
 MODEL_FIELDS = set(inspect.signature(MPSMConfig.__init__).parameters) - {"self", "kwargs"}
 
-# Numeric flags and what they must be, checked after the command line and --config are merged (before torch or
-# Accelerate would fail on them with a message that does not name the flag, or silently ignore them).
-POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "lr_decay_factor")  # > 0 (--grad_clip may be inf: no clipping)
-NON_NEGATIVE_NUMBERS = ("weight_decay", "sum_violation_warmup_epochs")  # >= 0
-POSITIVE_INTEGERS = ("num_epochs", "max_train_steps", "batch_size", "gradient_accumulation_steps",
-                     "checkpoints_total_limit", "eval_steps", "eval_batch_size", "max_eval_images", "logging_steps",
-                     "max_nonfinite_steps", "vocab_min_count", "partner_refresh_steps")  # >= 1 when given
-NON_NEGATIVE_INTEGERS = ("seed", "warmup_steps", "num_workers")  # >= 0 when given
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingArguments(LoopSettings):
+    """The command line: the loop's settings (`LoopSettings`: epochs, steps, warm-up, checkpoints, validation, logging)
+    and the run's. Each field's metadata holds its flag's help, choices and the rule its value follows."""
+
+    # data, output and model
+    data_dir: str = argument(help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder (Parquet) or Hub dataset "
+                                  "id, with train and dev splits.")
+    config: str | None = argument(None, 'JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
+    member: str | None = argument(None, "Member to train from an ensemble's --config.",
+                                  choices=list(PERSPECTIVES.values()))
+    set: list[str] = argument([], "Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
+                                  "repeatable, a later value of the same KEY wins.",
+                              action="extend", metavar="KEY=VALUE")
+    similarity: str | None = argument(None, "Similarity perspective (MPSMConfig.similarity); `joint` trains every "
+                                            "perspective's head.", choices=[*PERSPECTIVES, "joint"])
+    vocab: str | None = argument(None, "SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
+    vocab_min_count: int = argument(4, "Minimum count of a word built into the vocab.", "positive integer")
+    parser: str = argument("spacy:en_core_web_sm",
+                           "Dependency parser: 'spacy:<pipeline>' or 'fallback' (neighbouring words).")
+    # optimization
+    batch_size: int = argument(128, "Captions (with their images) per process.", "positive integer")
+    learning_rate: float = argument(2e-4, must_be="positive number")
+    weight_decay: float = argument(0.0, must_be="non-negative number")
+    lr_decay_epochs: list[int] = argument([15], "Epochs at whose start the learning rate is multiplied by "
+                                                "--lr_decay_factor.", "epochs", nargs="*")
+    lr_decay_factor: float = argument(0.1, must_be="positive number")
+    gradient_accumulation_steps: int = argument(1, must_be="positive integer")
+    mixed_precision: str | None = argument(None, "Default: the accelerate config's.", choices=["no", "fp16", "bf16"])
+    activation_checkpointing: bool = argument(
+        False, "Recompute the per-pair part in the backward pass instead of keeping it "
+               "(model.activation_checkpointing_enable(): less peak memory for more time, see docs/benchmarks.md; "
+               "the same loss and gradients).")
+    seed: int = argument(0, must_be="non-negative integer")
+    partners: str | None = argument(
+        None, "Batch every caption next to a caption of its image's partner (a near-duplicate image), so that the "
+              "partner is an in-batch negative: a JSON list with the partner index of each training image (-1: none), "
+              "or the synthetic scenes' train_scenes.json (their twins); 'captions': mined once from the training "
+              "captions (TF-IDF); 'embeddings': mined from the model's global image embeddings every "
+              "--partner_refresh_steps updates (the caption-mined ones until the first time). Mined partners are "
+              "written to OUTPUT_DIR/partners.json.", metavar="JSON|captions|embeddings")
+    partner_refresh_steps: int | None = argument(
+        None, "With --partners embeddings: mine the partners again every N updates (default: once per epoch, at its "
+              "end).", "positive integer")
+    # checkpoints and validation (the others are the loop's)
+    resume_from_checkpoint: str | None = argument(None, "A checkpoint folder, or 'latest'.")
+    eval_batch_size: int = argument(128, must_be="positive integer")
+    max_eval_images: int | None = argument(
+        None, "Validate on the first N dev images (and their captions) only; default: all of dev.", "positive integer")
+    # runtime
+    num_workers: int = argument(0, "DataLoader worker processes.", "non-negative integer")
+    with_tracking: bool = argument(False, "Log to experiment trackers.")
+    report_to: str = argument("all", "Trackers: tensorboard, wandb, ... or all.")
+    cpu: bool = argument(False, "Train on CPU even if a GPU is available.")
+    # the Hub
+    push_to_hub: bool = argument(
+        False, "At the end, publish the best model with its processor and a card (needs --hub_model_id).")
+    hub_model_id: str | None = argument(None, "Hub repository ORG/NAME for --push_to_hub.")
+    hub_private_repo: bool = argument(False, "Create the --hub_model_id repository private.")
+    dataset_id: str | None = argument(None, "Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
+                                            "default: the --data_dir Hub id, or its folder's name.")
+    # the MPSMConfig fields of the run (not a flag): --config's "model", then --similarity, then --set
+    model_fields: dict = dataclasses.field(default_factory=dict, init=False)
 
 
-def check_numbers(parser, args):
-    """`parser.error` naming the first numeric flag whose value is out of its range."""
-    for name in POSITIVE_NUMBERS + NON_NEGATIVE_NUMBERS:
-        value = getattr(args, name)
-        positive = name in POSITIVE_NUMBERS
-        valid = (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (value > 0 if positive else value >= 0)  # False for NaN
-            and (math.isfinite(value) or (name == "grad_clip" and value == math.inf))
-        )
-        if not valid:
-            expected = "a positive number" if positive else "a number >= 0"
-            parser.error(f"--{name} must be {expected}, got {value!r}.")
-    for name in POSITIVE_INTEGERS + NON_NEGATIVE_INTEGERS:
-        value = getattr(args, name)
-        minimum = 1 if name in POSITIVE_INTEGERS else 0
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-            expected = "a positive integer" if minimum else "an integer >= 0"
-            parser.error(f"--{name} must be {expected}, got {value!r}.")
-    if any(not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 for epoch in args.lr_decay_epochs):
-        parser.error(f"--lr_decay_epochs must be integers >= 0 (epochs, 0-based), got {args.lr_decay_epochs!r}.")
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train MPSM for image-text retrieval.")
-    _add_input_and_model_arguments(parser)
-    _add_optimization_arguments(parser)
-    _add_checkpoint_and_validation_arguments(parser)
-    _add_runtime_arguments(parser)
-    _add_hub_arguments(parser)
-    args = parser.parse_args(argv)
+def parse_args(argv=None) -> TrainingArguments:
+    parser = ArgumentParser(TrainingArguments, description="Train MPSM for image-text retrieval.")
+    args = parser.parse(argv, check=False)
     model_fields = {}
     if args.config:
         args, model_fields = _read_config(parser, args, argv)
     args.model_fields = _model_fields(parser, args, model_fields)
     _check_settings(parser, args)
     return args
-
-
-def _add_input_and_model_arguments(parser):
-    group = parser.add_argument_group("data, output and model")
-    group.add_argument("--data_dir", required=True, help="SCAN/GSMN folder, Arrow DatasetDict, Hub dataset folder "
-                                                         "(Parquet) or Hub dataset id, with train and dev splits.")
-    group.add_argument("--output_dir", required=True, help="Best model, processor, checkpoints, log and plot.")
-    group.add_argument("--config", help='JSON {"model": {MPSMConfig fields}, "training": {flag: value}}.')
-    group.add_argument("--member", choices=list(PERSPECTIVES.values()),
-                       help="Member to train from an ensemble's --config.")
-    group.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                       help="Override MPSMConfig fields, e.g. --set embed_size=256 kgid_layers=2 (JSON values); "
-                            "repeatable, a later value of the same KEY wins.")
-    group.add_argument("--similarity", choices=[*PERSPECTIVES, "joint"],
-                       help="Similarity perspective (MPSMConfig.similarity); `joint` trains every perspective's head.")
-    group.add_argument("--vocab", help="SCAN/SGRAF *_precomp_vocab.json; default: built from train+dev captions.")
-    group.add_argument("--vocab_min_count", type=int, default=4, help="Minimum count of a word built into the vocab.")
-    group.add_argument("--parser", default="spacy:en_core_web_sm",
-                       help="Dependency parser: 'spacy:<pipeline>' or 'fallback' (neighbouring words).")
-
-
-def _add_optimization_arguments(parser):
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--num_epochs", type=int, default=30)
-    group.add_argument("--max_train_steps", type=int, help="Total updates; overrides --num_epochs.")
-    group.add_argument("--batch_size", type=int, default=128, help="Captions (with their images) per process.")
-    group.add_argument("--learning_rate", type=float, default=2e-4)
-    group.add_argument("--weight_decay", type=float, default=0.0)
-    group.add_argument("--lr_decay_epochs", type=int, nargs="*", default=[15],
-                       help="Epochs at whose start the learning rate is multiplied by --lr_decay_factor.")
-    group.add_argument("--lr_decay_factor", type=float, default=0.1)
-    group.add_argument("--grad_clip", type=float, default=2.0, help="Max gradient norm.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="Default: the accelerate config's.")
-    group.add_argument("--activation_checkpointing", action="store_true",
-                       help="Recompute the per-pair part in the backward pass instead of keeping it "
-                            "(model.activation_checkpointing_enable(): at paper size, batch 128, 0.44x the peak memory for "
-                            "1.4x the time; the same loss and gradients).")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--warmup_steps", type=int,
-                       help="Updates trained with the sum-of-violations loss before hardest negatives.")
-    group.add_argument("--sum_violation_warmup_epochs", type=float, default=1.0,
-                       help="Warm-up length in epochs when --warmup_steps is not given.")
-    group.add_argument("--partners", metavar="JSON|captions|embeddings",
-                       help="Batch every caption next to a caption of its image's partner (a near-duplicate image), so "
-                            "that the partner is an in-batch negative: a JSON list with the partner index of each "
-                            "training image (-1: none), or the synthetic scenes' train_scenes.json (their twins); "
-                            "'captions': mined once from the training captions (TF-IDF); 'embeddings': mined from the "
-                            "model's global image embeddings every --partner_refresh_steps updates (the caption-mined "
-                            "ones until the first time). Mined partners are written to OUTPUT_DIR/partners.json.")
-    group.add_argument("--partner_refresh_steps", type=int,
-                       help="With --partners embeddings: mine the partners again every N updates (default: once per "
-                            "epoch, at its end).")
-
-
-def _add_checkpoint_and_validation_arguments(parser):
-    group = parser.add_argument_group("checkpoints, validation and logging")
-    group.add_argument("--checkpointing_steps", default=None,
-                       help="Save the training state every N updates, or 'epoch'; always at the end.")
-    group.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
-    group.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest'.")
-    group.add_argument("--eval_steps", type=int, help="Also validate every N updates (always after each epoch).")
-    group.add_argument("--eval_batch_size", type=int, default=128)
-    group.add_argument("--max_eval_images", type=int,
-                       help="Validate on the first N dev images (and their captions) only; default: all of dev.")
-    group.add_argument("--logging_steps", type=int, default=10)
-    group.add_argument("--max_nonfinite_steps", type=int, default=10,
-                       help="Stop after this many consecutive batches with a non-finite loss or gradient.")
-
-
-def _add_runtime_arguments(parser):
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    group.add_argument("--with_tracking", action="store_true", help="Log to experiment trackers.")
-    group.add_argument("--report_to", default="all", help="Trackers: tensorboard, wandb, ... or all.")
-    group.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is available.")
-
-
-def _add_hub_arguments(parser):
-    group = parser.add_argument_group("the Hub")
-    group.add_argument("--push_to_hub", action="store_true",
-                       help="At the end, publish the best model with its processor and a card (needs --hub_model_id).")
-    group.add_argument("--hub_model_id", help="Hub repository ORG/NAME for --push_to_hub.")
-    group.add_argument("--hub_private_repo", action="store_true", help="Create the --hub_model_id repository private.")
-    group.add_argument("--dataset_id", help="Dataset id for the card's model-index (e.g. nlphuji/flickr30k); "
-                                            "default: the --data_dir Hub id, or its folder's name.")
 
 
 def _read_config(parser, args, argv):
@@ -213,13 +154,13 @@ def _read_config(parser, args, argv):
                          f"{'|'.join(PERSPECTIVES.values())}.")
         config = config["members"][args.member]
     training = config.get("training", {})
-    unknown = sorted(set(training) - set(vars(args)))
+    unknown = sorted(set(training) - {field.name for field in dataclasses.fields(args) if field.init})
     if unknown:
         parser.error(f"{args.config}: unknown training settings {unknown}.")
     if isinstance(training.get("lr_decay_epochs"), int):
         training["lr_decay_epochs"] = [training["lr_decay_epochs"]]
     parser.set_defaults(**training)  # the command line still wins
-    return parser.parse_args(argv), dict(config.get("model", {}))
+    return parser.parse(argv, check=False), dict(config.get("model", {}))
 
 
 def _model_fields(parser, args, model_fields):
@@ -238,13 +179,11 @@ def _model_fields(parser, args, model_fields):
 
 
 def _check_settings(parser, args):
-    """`parser.error` for a bad --checkpointing_steps, numeric flag or --hub_model_id; --checkpointing_steps N
-    becomes an int."""
+    """`parser.error` for a value out of its field's range (`check_arguments`), or --partners,
+    --partner_refresh_steps or --hub_model_id that do not fit the other flags; --checkpointing_steps N becomes an int."""
+    check_arguments(parser, args)
     if args.checkpointing_steps not in (None, "epoch"):
-        if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error("--checkpointing_steps must be a positive integer or 'epoch'.")
         args.checkpointing_steps = int(args.checkpointing_steps)
-    check_numbers(parser, args)
     if args.partners and args.batch_size % 2:
         parser.error(f"--partners needs an even --batch_size (captions come in partner pairs), got {args.batch_size}.")
     if args.partner_refresh_steps is not None and args.partners != "embeddings":
@@ -356,22 +295,16 @@ def load_checkpoint(accelerator, checkpoint, state):
     logger.info(f"Resumed from {checkpoint} at step {state.global_step}", main_process_only=True)
 
 
-def loop_settings(args, updates_per_epoch):
-    warmup_steps = args.warmup_steps
-    if warmup_steps is None:
-        warmup_steps = round(args.sum_violation_warmup_epochs * updates_per_epoch)
-    return LoopSettings(
-        output_dir=args.output_dir,
-        num_epochs=args.num_epochs,
-        max_train_steps=args.max_train_steps,
-        grad_clip=args.grad_clip,
-        warmup_steps=warmup_steps,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        eval_steps=args.eval_steps,
-        logging_steps=args.logging_steps,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-    )
+def write_settings(args, accelerator, config):
+    """The run's settings to the trackers (with --with_tracking) and to OUTPUT_DIR/training_args.json, which --config
+    reads back."""
+    training = {k: v for k, v in dataclasses.asdict(args).items() if k != "model_fields"}
+    if args.with_tracking:
+        hyperparameters = {k: v for k, v in training.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as file:
+            json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
 
 
 def run(args, accelerator):
@@ -422,15 +355,7 @@ def run(args, accelerator):
     log.restart_at(state.global_step)
     if args.partners in MINED_PARTNERS:
         write_partners(accelerator, output_dir, sampler.partners)
-    if args.with_tracking:
-        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("mpsm", {**hyperparameters, **config.to_diff_dict()})
-    if accelerator.is_main_process:
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as file:
-            training = {k: v for k, v in vars(args).items() if k != "model_fields"}
-            json.dump({"model": config.to_diff_dict(), "training": training}, file, indent=2)
-
-    settings = loop_settings(args, updates_per_epoch)
+    write_settings(args, accelerator, config)
     if args.max_eval_images:
         dev = dev.select(range(min(args.max_eval_images, len(dev))))
 
@@ -445,7 +370,7 @@ def run(args, accelerator):
             logger.info(f"New best rsum {results['rsum']:.2f} at step {results['step']}: saved to {output_dir}")
         accelerator.wait_for_everyone()
 
-    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log,
+    state = train_loop(accelerator, model, optimizer, scheduler, dataloader, state, args, validate, save_best, log,
                        refresh)
     logger.info(
         f"Done: {state.global_step} updates, best rsum {state.best_rsum:.2f} at step {state.best_step}, "
@@ -499,13 +424,7 @@ def main(argv=None) -> int:
         logger.error(str(error), main_process_only=True)
         status = 1
     except (OSError, ValueError, KeyError, DatasetGenerationError) as error:
-        # Bad inputs (missing files or splits, corrupt data, bad settings) and I/O failures (read-only or full disk):
-        # one line naming the problem instead of a traceback; MPSM_TRACEBACK=1 shows the traceback.
-        if os.environ.get("MPSM_TRACEBACK"):
-            raise
-        cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-        print(f"error: {cause}", file=sys.stderr)
-        status = 2
+        status = report_error(error)
     if args.with_tracking:
         accelerator.end_training()
     # A clean exit in distributed runs: every process reaches this barrier, then tears the process group down

@@ -1,5 +1,7 @@
 """Configuration of MPSM (Multi-Perspective Similarity Modeling, UAI 2022) and of its dis/dir ensemble (MPSM*)."""
 
+from typing import NamedTuple
+
 from transformers import PretrainedConfig
 
 
@@ -12,69 +14,70 @@ PERSPECTIVES = {"distance": "dis", "direction": "dir"}
 PERSPECTIVES_BEFORE_STORED = ("distance", "direction")
 
 
-def _integer(low, high=None):
-    def check(name, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-            raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-        return value
-    return check
+class Range(NamedTuple):
+    """The rule of a numeric setting: an `int` or a `float` in [low, high] ((low, high] with `low_excluded`; no upper
+    bound when `high` is None)."""
+
+    type: type
+    low: float
+    high: float | None = None
+    low_excluded: bool = False
 
 
-def _number(low, high=None, low_inclusive=True):
-    def check(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"`{name}` must be a number, got {value!r}")
-        below = value < low if low_inclusive else value <= low
-        if below or (high is not None and value > high):
-            bracket = "[" if low_inclusive else "("
-            allowed = f"{bracket}{low}, {high}]" if high is not None else f"{bracket}{low}, inf)"
-            raise ValueError(f"`{name}` must be in {allowed}, got {value!r}")
-        return float(value)
-    return check
-
-
-def _one_of(*choices):
-    def check(name, value):
-        if value not in choices:
-            raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
-        return value
-    return check
-
-
-_flag = _one_of(True, False)
-
-# What each setting of MPSMConfig may hold (checked in this order); a rule returns the value to store.
+FLAG = (True, False)
+# What each setting of MPSMConfig may hold (checked in this order by `checked_setting`): a `Range`, or its choices.
 FIELD_RULES = {
-    "img_dim": _integer(1),
-    "vocab_size": _integer(5),
-    "word_dim": _integer(1),
-    "embed_size": _integer(2),
-    "sim_dim": _integer(1),
-    "kgid_layers": _integer(0, 16),
-    "srgr_steps": _integer(0, 16),
-    "num_spatial_kernels": _integer(1, 64),
-    "visual_kgid": _flag,
-    "textual_kgid": _flag,
-    "use_srgr": _flag,
-    "max_violation": _flag,
-    "hinge_on_logits": _flag,
-    "kgid_gate": _flag,
-    "spatial_prior": _flag,
-    "spatial_messages": _flag,
-    "word_self_attention": _flag,
-    "text_guided_image_features": _flag,
-    "alignment": _one_of("global", "local", "multi"),
-    "similarity": _one_of(*PERSPECTIVES, "joint"),
-    "loss_type": _one_of("triplet", "fine_grained_labels", "both"),
-    "streams": _one_of("t2i", "i2t", "both"),
-    "lambda_softmax": _number(0.0, low_inclusive=False),
-    "margin": _number(0.0, 2.0),
-    "dropout": _number(0.0, 0.9),
-    "global_loss_weight": _number(0.0),
-    "global_loss_temperature": _number(0.0, low_inclusive=False),
-    "initializer_range": _number(0.0, low_inclusive=False),
+    "img_dim": Range(int, 1),
+    "vocab_size": Range(int, 5),
+    "word_dim": Range(int, 1),
+    "embed_size": Range(int, 2),
+    "sim_dim": Range(int, 1),
+    "kgid_layers": Range(int, 0, 16),
+    "srgr_steps": Range(int, 0, 16),
+    "num_spatial_kernels": Range(int, 1, 64),
+    "visual_kgid": FLAG,
+    "textual_kgid": FLAG,
+    "use_srgr": FLAG,
+    "max_violation": FLAG,
+    "hinge_on_logits": FLAG,
+    "kgid_gate": FLAG,
+    "spatial_prior": FLAG,
+    "spatial_messages": FLAG,
+    "word_self_attention": FLAG,
+    "text_guided_image_features": FLAG,
+    "alignment": ("global", "local", "multi"),
+    "similarity": (*PERSPECTIVES, "joint"),
+    "loss_type": ("triplet", "fine_grained_labels", "both"),
+    "streams": ("t2i", "i2t", "both"),
+    "lambda_softmax": Range(float, 0.0, low_excluded=True),
+    "margin": Range(float, 0.0, 2.0),
+    "dropout": Range(float, 0.0, 0.9),
+    "global_loss_weight": Range(float, 0.0),
+    "global_loss_temperature": Range(float, 0.0, low_excluded=True),
+    "initializer_range": Range(float, 0.0, low_excluded=True),
 }
+
+
+def checked_setting(name: str, value):
+    """`value` for the setting `name` (a float setting as a float) if it follows its rule of `FIELD_RULES`, else a
+    `ValueError` naming the setting and what it may hold."""
+    rule = FIELD_RULES[name]
+    if not isinstance(rule, Range):
+        if value not in rule:
+            raise ValueError(f"`{name}` must be one of {list(rule)}, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if rule.type is float and not number:
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    above_low = number and (value > rule.low if rule.low_excluded else value >= rule.low)  # False for NaN
+    if not (above_low and (rule.high is None or value <= rule.high) and (rule.type is float or isinstance(value, int))):
+        if rule.type is int:
+            allowed = f"an integer >= {rule.low}" if rule.high is None else f"an integer in [{rule.low}, {rule.high}]"
+        else:
+            high = "inf)" if rule.high is None else f"{rule.high}]"
+            allowed = f"in {'(' if rule.low_excluded else '['}{rule.low}, {high}"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return rule.type(value)
 
 
 class MPSMConfig(PretrainedConfig):
@@ -108,7 +111,8 @@ class MPSMConfig(PretrainedConfig):
         margin (`float`, 0.2): triplet margin γ (eq 21).
         max_violation (`bool`): hardest negatives in the batch (VSE++); `False` sums all violations.
         hinge_on_logits (`bool`): the triplet hinge of eq 21 on the logits before σ (the default; rankings are the
-            same, σ being monotone, and the hinge keeps its gradient where σ saturates); `False` hinges the σ scores.
+            same, σ being monotone, and the hinge keeps its gradient where σ saturates); `False` hinges the σ scores,
+            as eq 21 is printed (kept for the checkpoints trained that way and the comparison of the two).
         num_spatial_kernels (`int`, 8): Gaussian kernels K over the polar coordinates of box offsets.
         dropout (`float`, 0.1): dropout in the global self-attention.
         global_loss_weight (`float`, 0.0): weight of an auxiliary InfoNCE loss on (v̄, t̄) that trains the
@@ -161,8 +165,8 @@ class MPSMConfig(PretrainedConfig):
         **kwargs,
     ):
         settings = locals()
-        for name, check in FIELD_RULES.items():
-            setattr(self, name, check(name, settings[name]))
+        for name in FIELD_RULES:
+            setattr(self, name, checked_setting(name, settings[name]))
         self.joint_perspectives = self._joint_perspectives(joint_perspectives)
         super().__init__(**kwargs)
 

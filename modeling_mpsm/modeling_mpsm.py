@@ -897,9 +897,8 @@ class MPSMRetrievalLoss(nn.Module):
             raise ValueError(f"the loss needs as many captions as images (pairs on the diagonal), got {size} images "
                              f"and {text.text_embeds.shape[0]} captions")
         if image_ids is None:
-            positive_mask = torch.eye(size, dtype=torch.bool, device=image.image_embeds.device)
-        else:
-            positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
+            image_ids = torch.arange(size, device=image.image_embeds.device)
+        positive_mask = image_ids.view(-1, 1) == image_ids.view(1, -1)
         loss = 0.0
         for perspective_logits in logits.values():
             scores = torch.sigmoid(perspective_logits)

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from .common import atomic_write, atomic_write_text, progress_bar
+from .common import argument, atomic_write, atomic_write_text, progress_bar
 
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -198,8 +198,8 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """
     Adam over the trainable parameters (the paper's optimizer; SGRAF's learning rate 2e-4). With `fused`, PyTorch's
-    fused kernel where the parameters' device has one (one pass over each parameter and its state: 14 ms instead of
-    47 ms per update for the paper-size model on a 2-core CPU); create it once the model is on its training device.
+    fused kernel where the parameters' device has one (one pass over each parameter and its state instead of several:
+    faster, see docs/benchmarks.md); create it once the model is on its training device.
     Pass `fused=False` under an fp16 gradient scaler: the scaler hands a fused optimizer its overflow check and always
     calls its step, so an update skipped for an overflow could no longer be told apart (and counted).
     """
@@ -409,20 +409,27 @@ class TrainingLog:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LoopSettings:
-    """Settings of `train_loop` (see `examples/train_mpsm.py` for their command-line flags)."""
+    """Settings of `train_loop`, declared once: `examples/train_mpsm.py`'s arguments extend them, each field's
+    metadata being its flag's help and the rule its value follows (`common.VALUE_RULES`)."""
 
-    output_dir: str
-    num_epochs: int = 30
-    max_train_steps: int | None = None
-    grad_clip: float = 2.0
-    warmup_steps: int = 0
-    checkpointing_steps: int | str | None = None  # every N updates, "epoch", or only at the end
-    checkpoints_total_limit: int | None = None
-    eval_steps: int | None = None
-    logging_steps: int = 10
-    max_nonfinite_steps: int = 10
+    output_dir: str = argument(help="Best model, processor, checkpoints, log and plot.")
+    num_epochs: int = argument(30, must_be="positive integer")
+    max_train_steps: int | None = argument(None, "Total updates; overrides --num_epochs.", "positive integer")
+    grad_clip: float = argument(2.0, "Max gradient norm (inf: no clipping).", "positive number or inf")
+    warmup_steps: int | None = argument(
+        None, "Updates trained with the sum-of-violations loss before hardest negatives.", "non-negative integer")
+    sum_violation_warmup_epochs: float = argument(
+        1.0, "Warm-up length in epochs when --warmup_steps is not given.", "non-negative number")
+    checkpointing_steps: int | str | None = argument(
+        None, "Save the training state every N updates, or 'epoch'; always at the end.", "steps or epoch")
+    checkpoints_total_limit: int | None = argument(None, "Keep only the newest N checkpoints.", "positive integer")
+    eval_steps: int | None = argument(
+        None, "Also validate every N updates (always after each epoch).", "positive integer")
+    logging_steps: int = argument(10, must_be="positive integer")
+    max_nonfinite_steps: int = argument(
+        10, "Stop after this many consecutive batches with a non-finite loss or gradient.", "positive integer")
 
 
 @dataclasses.dataclass
@@ -474,56 +481,6 @@ def _apply_update(accelerator, model, optimizer, loss, state: TrainingState, gra
     return finite
 
 
-def _count_skipped(state: TrainingState, settings: LoopSettings) -> None:
-    """Counts a skipped batch, warns, and raises `NonFiniteLossError` after `max_nonfinite_steps` in a row."""
-    state.nonfinite_steps += 1
-    state.nonfinite_in_row += 1
-    warnings.warn(
-        f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
-        f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total)."
-    )
-    if state.nonfinite_in_row >= settings.max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
-            f"{state.global_step}); training stopped. The last checkpoint in "
-            f"{os.path.join(settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
-            f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
-        )
-
-
-def _log_record(accelerator, state: TrainingState, losses: list[float], learning_rate: float, max_violation: bool,
-                device) -> dict:
-    """The log record of the updates since the last one: their mean finite loss (over processes), the learning rate,
-    the loss mode and the counters of skipped batches (and the fp16 loss scale)."""
-    mean_loss = torch.tensor(sum(losses) / len(losses) if losses else math.nan, device=device)
-    mean_loss = accelerator.reduce(mean_loss, "mean").item()
-    record = {
-        "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
-        "lr": learning_rate, "max_violation": max_violation,
-        "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
-    }
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None:
-        record["loss_scale"] = scaler.get_scale()
-    return record
-
-
-def _write_training_record(accelerator, log: TrainingLog, progress, record: dict) -> None:
-    """Writes a `_log_record` to the log file, the trackers and the progress bar."""
-    log.write(record)
-    mean_loss = math.nan if record["loss"] is None else record["loss"]
-    accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=record["step"])
-    progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
-
-
-def _warn_collapse(step: int) -> None:
-    warnings.warn(
-        f"Step {step}: every pair of the batch has the same score, so the triplet loss has no gradient (collapsed, "
-        "saturated scores). Consider a longer --warmup_steps, a lower learning rate or --set max_violation=false; "
-        "the best model saved so far is kept."
-    )
-
-
 def train_loop(
     accelerator,
     model,
@@ -540,9 +497,10 @@ def train_loop(
     """
     Trains until `settings.max_train_steps` updates (or `num_epochs` epochs), resuming from `state`.
 
-    Each batch (`_Loop.train_batch`): set the loss mode (`set_loss_mode`: sum of violations during the warm-up, then
-    hardest negatives), forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at
-    an update, if the gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
+    Each batch (`_Loop.train_batch`): set the loss mode (`set_loss_mode`: sum of violations during the warm-up of
+    `warmup_steps` updates, or `sum_violation_warmup_epochs` epochs when it is None, then hardest negatives),
+    forward, then `_apply_update` (skip the batch if its loss is not finite on any process, or, at an update, if the
+    gradient norm is not finite; backward, clip, step). Each update (`_Loop.finish_update`): step
     the schedule; with a `refresh`, every `refresh.every` updates, new partners for the rest of the epoch (its
     iteration starts again after the batches already drawn); every `eval_steps` updates and at the end of each epoch:
     `validate()` (metrics with `rsum`, the same on every process) and, on a new best rsum, `save_best(metrics)`.
@@ -559,67 +517,73 @@ def train_loop(
         refresh: partners mined again every `refresh.every` updates; its sampler must be registered for
             checkpointing (`accelerator.register_for_checkpointing`), so that a resumed run has the same partners.
     """
-    updates_per_epoch = math.ceil(len(dataloader) / accelerator.gradient_accumulation_steps)
-    max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_steps / updates_per_epoch)
-    loop = _Loop(accelerator, model, optimizer, scheduler, state, settings, validate, save_best, log, max_steps,
-                 refresh, dataloader.total_batch_size)
-    model.train()
-    while state.global_step < max_steps and state.epoch < num_epochs:
-        dataloader.set_epoch(state.epoch)
-        skipped = state.batches_in_epoch
-        batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
-        loop.partners_replaced = False
-        for batch in batches:
-            outputs, max_violation = loop.train_batch(batch)
-            if not accelerator.sync_gradients:
-                continue
-            loop.finish_update(outputs, max_violation)
-            if state.global_step >= max_steps:
-                break
-            if loop.partners_replaced and state.batches_in_epoch < len(dataloader):
-                break  # the rest of the epoch in the new partners' order
-        else:  # the epoch ran to its end
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            if loop.last_validation != state.global_step:
-                loop.run_validation()
-            if settings.checkpointing_steps == "epoch":
-                loop.checkpoint()
-
-    if loop.last_validation != state.global_step:
-        loop.run_validation()
-    if loop.last_checkpoint != state.global_step:
-        loop.checkpoint()
-    loop.progress.close()
-    return state
+    return _Loop(accelerator, model, optimizer, scheduler, dataloader, state, settings, validate, save_best, log,
+                 refresh).run()
 
 
 class _Loop:
-    """What `train_loop` works with and keeps between batches: the prepared objects, the progress bar, the finite
-    losses since the last log record, the steps of the last validation and checkpoint, and whether new partners
-    replaced the sampler's since the epoch's iteration began."""
+    """What `train_loop` works with and keeps between batches: its arguments, the progress bar, the finite losses
+    since the last log record, the steps of the last validation and checkpoint, and whether new partners replaced the
+    sampler's since the epoch's iteration began."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, state: TrainingState, settings: LoopSettings,
-                 validate: Callable[[], dict], save_best: Callable[[dict], None], log: TrainingLog, max_steps: int,
-                 refresh: PartnerRefresh | None, items_per_batch: int):
+    def __init__(self, accelerator, model, optimizer, scheduler, dataloader, state: TrainingState,
+                 settings: LoopSettings, validate: Callable[[], dict], save_best: Callable[[dict], None],
+                 log: TrainingLog, refresh: PartnerRefresh | None):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.unwrapped = accelerator.unwrap_model(model)
+        self.dataloader, self.unwrapped = dataloader, accelerator.unwrap_model(model)
         self.state, self.settings, self.validate, self.save_best, self.log = state, settings, validate, save_best, log
-        self.max_steps = max_steps
-        self.progress = progress_bar(total=max_steps, initial=state.global_step, desc="training",
+        self.refresh = refresh
+        updates_per_epoch = math.ceil(len(dataloader) / accelerator.gradient_accumulation_steps)
+        self.max_steps = settings.max_train_steps or settings.num_epochs * updates_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / updates_per_epoch)
+        self.warmup_steps = settings.warmup_steps
+        if self.warmup_steps is None:
+            self.warmup_steps = round(settings.sum_violation_warmup_epochs * updates_per_epoch)
+        self.progress = progress_bar(total=self.max_steps, initial=state.global_step, desc="training",
                                      disable=not accelerator.is_local_main_process)
         self.window = []  # finite losses since the last log record
         self.warned_collapse = False
         self.last_validation = self.last_checkpoint = None
-        self.refresh, self.items_per_batch = refresh, items_per_batch  # items: a batch of every process
         self.partners_replaced = False
+
+    def run(self) -> TrainingState:
+        """The epochs from `state` on (a resumed one from its next batch), then the last validation and checkpoint."""
+        state, accelerator, dataloader = self.state, self.accelerator, self.dataloader
+        self.model.train()
+        while state.global_step < self.max_steps and state.epoch < self.num_epochs:
+            dataloader.set_epoch(state.epoch)
+            skipped = state.batches_in_epoch
+            batches = accelerator.skip_first_batches(dataloader, skipped) if skipped else dataloader
+            self.partners_replaced = False
+            for batch in batches:
+                outputs, max_violation = self.train_batch(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                self.finish_update(outputs, max_violation)
+                if state.global_step >= self.max_steps:
+                    break
+                if self.partners_replaced and state.batches_in_epoch < len(dataloader):
+                    break  # the rest of the epoch in the new partners' order
+            else:  # the epoch ran to its end
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if self.last_validation != state.global_step:
+                    self.run_validation()
+                if self.settings.checkpointing_steps == "epoch":
+                    self.checkpoint()
+
+        if self.last_validation != state.global_step:
+            self.run_validation()
+        if self.last_checkpoint != state.global_step:
+            self.checkpoint()
+        self.progress.close()
+        return state
 
     def train_batch(self, batch):
         """One batch: the loss mode of the current update (`set_loss_mode`), forward and `_apply_update`; a finite
         loss joins the window of the next log record, a skipped batch is counted. Returns (outputs, loss mode)."""
         state, settings = self.state, self.settings
         state.batches_in_epoch += 1
-        max_violation = set_loss_mode(self.unwrapped, state.global_step, settings.warmup_steps)
+        max_violation = set_loss_mode(self.unwrapped, state.global_step, self.warmup_steps)
         with self.accelerator.accumulate(self.model):
             outputs = self.model(**batch, return_loss=True)
             counted = _apply_update(self.accelerator, self.model, self.optimizer, outputs.loss, state,
@@ -628,8 +592,23 @@ class _Loop:
             state.nonfinite_in_row = 0
             self.window.append(outputs.loss.item())
         else:
-            _count_skipped(state, settings)
+            self.count_skipped()
         return outputs, max_violation
+
+    def count_skipped(self):
+        """Counts a skipped batch, warns, and raises `NonFiniteLossError` after `max_nonfinite_steps` in a row."""
+        state = self.state
+        state.nonfinite_steps += 1
+        state.nonfinite_in_row += 1
+        warnings.warn(f"Non-finite loss or gradient at step {state.global_step}: batch skipped "
+                      f"({state.nonfinite_in_row} in a row, {state.nonfinite_steps} in total).")
+        if state.nonfinite_in_row >= self.settings.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_row} consecutive batches had a non-finite loss or gradient (step "
+                f"{state.global_step}); training stopped. The last checkpoint in "
+                f"{os.path.join(self.settings.output_dir, CHECKPOINTS_DIR)} is intact: lower the learning rate "
+                f"or use --mixed_precision no, then resume with --resume_from_checkpoint latest."
+            )
 
     def finish_update(self, outputs, max_violation: bool):
         """After an optimizer update: count it, step the schedule, then the log record, new partners, validation and
@@ -639,13 +618,7 @@ class _Loop:
         self.scheduler.step()
         self.progress.update(1)
         if state.global_step % settings.logging_steps == 0 or state.global_step == self.max_steps:
-            record = _log_record(self.accelerator, state, self.window, self.scheduler.get_last_lr()[0], max_violation,
-                                 outputs.loss.device)
-            _write_training_record(self.accelerator, self.log, self.progress, record)
-            self.window = []
-            if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
-                self.warned_collapse = True
-                _warn_collapse(state.global_step)
+            self.log_training(outputs, max_violation)
         if self.refresh and state.global_step % self.refresh.every == 0 and state.global_step < self.max_steps:
             self.replace_partners()
         if settings.eval_steps and state.global_step % settings.eval_steps == 0:
@@ -653,12 +626,38 @@ class _Loop:
         if isinstance(settings.checkpointing_steps, int) and state.global_step % settings.checkpointing_steps == 0:
             self.checkpoint()
 
+    def log_training(self, outputs, max_violation: bool):
+        """The record of the updates since the last one (their mean finite loss over processes, the learning rate, the
+        loss mode, the counters of skipped batches and the fp16 loss scale) to the log file, the trackers and the
+        progress bar; a warning the first time the batch's scores have collapsed to one value."""
+        state, accelerator, scaler = self.state, self.accelerator, getattr(self.accelerator, "scaler", None)
+        losses, self.window = self.window or [math.nan], []
+        mean_loss = torch.tensor(sum(losses) / len(losses), device=outputs.loss.device)
+        mean_loss = accelerator.reduce(mean_loss, "mean").item()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.log.write({
+            "step": state.global_step, "epoch": state.epoch, "loss": None if math.isnan(mean_loss) else mean_loss,
+            "lr": learning_rate, "max_violation": max_violation,
+            "nonfinite_steps": state.nonfinite_steps, "overflow_steps": state.overflow_steps,
+            **({} if scaler is None else {"loss_scale": scaler.get_scale()}),
+        })
+        accelerator.log({"train/loss": mean_loss, "train/lr": learning_rate}, step=state.global_step)
+        self.progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+        if not self.warned_collapse and outputs.logits_per_image.detach().float().std() < 1e-6:
+            self.warned_collapse = True
+            warnings.warn(
+                f"Step {state.global_step}: every pair of the batch has the same score, so the triplet loss has no "
+                "gradient (collapsed, saturated scores). Consider a longer --warmup_steps, a lower learning rate or "
+                "--set max_violation=false; the best model saved so far is kept."
+            )
+
     def replace_partners(self):
         """`refresh.mine()` replaces the sampler's partners after the batches drawn so far in the epoch (by every
         process); the log records the share of images whose partner stayed the same."""
         state, sampler = self.state, self.refresh.sampler
         previous, partners = sampler.partners, self.refresh.mine()
-        sampler.replace_partners(partners, state.batches_in_epoch * self.items_per_batch)
+        # the position in the epoch's order: the batches of every process drawn so far
+        sampler.replace_partners(partners, state.batches_in_epoch * self.dataloader.total_batch_size)
         self.partners_replaced = True
         kept = sum(old == new for old, new in zip(previous, partners)) / max(len(partners), 1)
         self.log.write({"step": state.global_step, "epoch": state.epoch, "partners_kept": kept})
