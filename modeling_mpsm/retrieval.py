@@ -45,6 +45,14 @@ def global_embeddings(cache):
     return torch.cat(embeds, -1).float() / len(embeds) ** 0.5
 
 
+def _metadata(metadata, start, count):
+    """`count` items' metadata as a list: `metadata`, or their positions from `start` when None."""
+    metadata = list(range(start, start + count)) if metadata is None else list(metadata)
+    if len(metadata) != count:
+        raise ValueError(f"got {len(metadata)} metadata entries for {count} items")
+    return metadata
+
+
 class MPSMIndex:
     """
     A gallery of images or captions: cached per-item outputs of the model, their first-stage embeddings and one
@@ -87,9 +95,7 @@ class MPSMIndex:
             if first_stage != "ivf":
                 raise ValueError(f"`{name}` applies to first_stage='ivf', not first_stage={first_stage!r}")
         self.cache = cache
-        self.metadata = list(range(cache.num_items)) if metadata is None else list(metadata)
-        if len(self.metadata) != cache.num_items:
-            raise ValueError(f"got {len(self.metadata)} metadata entries for {cache.num_items} items")
+        self.metadata = _metadata(metadata, 0, cache.num_items)
         self.embeddings = global_embeddings(cache)
         self.first_stage = first_stage
         self.nlist = nlist
@@ -114,9 +120,9 @@ class MPSMIndex:
 
     def describe(self):
         """One line: e.g. "ivf (nlist 4000, nprobe 16)" or "flat (exact)"."""
-        options = {name: value for name, value in self.options.items() if name not in ("first_stage", "seed")}
-        settings = ", ".join(f"{name} {'auto' if value is None else value}" for name, value in options.items())
-        return f"{self.first_stage} ({settings or 'exact'})"
+        if self.first_stage == "flat":
+            return "flat (exact)"
+        return f"ivf (nlist {self.nlist or 'auto'}, nprobe {self.nprobe})"
 
     @property
     def is_built(self):
@@ -164,11 +170,8 @@ class MPSMIndex:
         approximate first stage gets the new embeddings without re-training.
         """
         start = len(self)
-        metadata = list(range(start, start + cache.num_items)) if metadata is None else list(metadata)
-        if len(metadata) != cache.num_items:
-            raise ValueError(f"got {len(metadata)} metadata entries for {cache.num_items} items")
+        self.metadata += _metadata(metadata, start, cache.num_items)
         self.cache = type(self.cache).concatenate([self.cache, cache])
-        self.metadata += metadata
         self.embeddings = global_embeddings(self.cache)
         if self._faiss is not None:
             self._faiss.add(self._numpy(self.embeddings[start:]))
@@ -320,48 +323,38 @@ class MPSMRetriever:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _image_inputs(self, region_features, boxes=None, image_sizes=None, region_mask=None):
-        if self.processor is not None:
-            inputs = self.processor(region_features=region_features, boxes=boxes, image_sizes=image_sizes,
-                                    region_mask=region_mask)
-        else:
-            inputs = {"region_features": region_features, "boxes": boxes, "image_sizes": image_sizes,
-                      "region_mask": region_mask}
-        return {name: value.to(self.device) for name, value in inputs.items() if value is not None}
-
-    def _text_inputs(self, text):
-        inputs = self.processor(text=text) if self.processor is not None else text
-        return {name: value.to(self.device) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
-
-    def _batches(self, inputs, size):
+    def _batches(self, inputs):
+        """Batches of `batch_size` items of model inputs, on the model's device (None and non-tensors dropped)."""
+        inputs = {name: value.to(self.device) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        size = len(next(iter(inputs.values())))
         for start in range(0, size, self.batch_size):
             yield {name: value[start : start + self.batch_size] for name, value in inputs.items()}
 
     def encode_images(self, region_features, boxes=None, image_sizes=None, region_mask=None, progress=False):
         """Per-image cache of images given as raw arrays (with a processor) or model-input tensors."""
-        inputs = self._image_inputs(region_features, boxes, image_sizes, region_mask)
-        return encode_images(self.model, self._batches(inputs, len(inputs["region_features"])), progress=progress)
+        inputs = dict(region_features=region_features, boxes=boxes, image_sizes=image_sizes, region_mask=region_mask)
+        inputs = self.processor(**inputs) if self.processor is not None else inputs
+        return encode_images(self.model, self._batches(inputs), progress=progress)
 
     def encode_texts(self, text, progress=False):
         """Per-caption cache of captions given as strings (with a processor) or model-input tensors."""
-        inputs = self._text_inputs([text] if isinstance(text, str) else text)
-        return encode_texts(self.model, self._batches(inputs, len(inputs["input_ids"])), progress=progress)
+        text = [text] if isinstance(text, str) else text
+        inputs = self.processor(text=text) if self.processor is not None else text
+        return encode_texts(self.model, self._batches(inputs), progress=progress)
+
+    def _add(self, name, cache, metadata):
+        if getattr(self, name) is None:
+            setattr(self, name, MPSMIndex(cache, metadata, **self.index_options))
+        else:
+            getattr(self, name).add(cache, metadata)
 
     def add_images(self, region_features, boxes=None, image_sizes=None, region_mask=None, metadata=None):
         """Adds images ([B, n, f] region features, [B, n, 4] boxes, ...) to the image gallery."""
-        cache = self.encode_images(region_features, boxes, image_sizes, region_mask)
-        if self.images is None:
-            self.images = MPSMIndex(cache, metadata, **self.index_options)
-        else:
-            self.images.add(cache, metadata)
+        self._add("images", self.encode_images(region_features, boxes, image_sizes, region_mask), metadata)
 
     def add_texts(self, text, metadata=None):
         """Adds captions (strings, or model-input tensors without a processor) to the caption gallery."""
-        cache = self.encode_texts(text)
-        if self.texts is None:
-            self.texts = MPSMIndex(cache, metadata, **self.index_options)
-        else:
-            self.texts.add(cache, metadata)
+        self._add("texts", self.encode_texts(text), metadata)
 
     @staticmethod
     def _results(gallery, scores, indices):
