@@ -29,14 +29,15 @@ from transformers.utils import ModelOutput
 from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
 
 
-# How the per-pair part is cut, for every caller (training's forward, scoring, retrieval, the pipeline): the model cuts
-# the captions of one call (`MPSMModel.pair_logits`) in ascending length, into CAPTION_BLOCKS blocks (less padding: each
-# block is cut to its longest caption), or more so that a block's [I, T_b, L_b, d] tensors hold at most BLOCK_FLOATS
-# floats (cache locality; every allocation of a large tensor also page-faults on CPU); under tracing, one uncut block.
-# A gallery too large for one call is cut by its caller (`scoring.score_rows`) into calls of whole images x captions
-# taken in that same order, as many pairs as `pair_bytes` fits in a memory bound, so the model finds them sorted.
+# How the per-pair part is cut, in one place for every caller (training, scoring, retrieval, the pipeline), captions
+# always in ascending length: a gallery of pairs into calls of `similarity` (`pair_calls`: whole images x captions,
+# as many pairs as `pair_bytes` fits in DEFAULT_MAX_BLOCK_BYTES, so that peak memory does not grow with the gallery),
+# and the captions of one call into blocks (`pair_logits`: CAPTION_BLOCKS of them for less padding, each cut to its
+# longest caption, or more so that a block's [I, T_b, L_b, d] tensors hold at most BLOCK_FLOATS floats: cache
+# locality, and every allocation of a large tensor page-faults on CPU); under tracing, one uncut block.
 CAPTION_BLOCKS = 8
 BLOCK_FLOATS = 2**22
+DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # a call's tensors stay in cache (the bound chosen: docs/benchmarks.md)
 
 
 # Outputs ------------------------------------------------------------------------------------------------------------
@@ -60,6 +61,10 @@ class MPSMItemOutput(ModelOutput):
         """The number of images or captions held."""
         return len(next(iter(self.values())))
 
+    @property
+    def device(self):
+        return next(iter(self.values())).device
+
     def _map(self, function):
         """This output with `function` applied to each tensor (each state of `hidden_states`)."""
         return type(self)(**{name: tuple(map(function, value)) if isinstance(value, tuple) else function(value)
@@ -77,6 +82,10 @@ class MPSMItemOutput(ModelOutput):
         """The regions / words beyond `length` dropped (padding only, when at least the longest item's)."""
         return type(self)(**{name: value[:, :length] if name in self.padded_fields else value
                              for name, value in self.items()})
+
+    def scores_against(self, items, model, **bounds):
+        """The scores [N] of this one item against N `items` of the other modality (`query_scores`)."""
+        return query_scores(model, self, items, **bounds)
 
     @classmethod
     def concatenate(cls, outputs):
@@ -156,6 +165,10 @@ class MPSMEnsembleItemOutput(dict):
     def num_items(self):
         return next(iter(self.values())).num_items
 
+    @property
+    def device(self):
+        return next(iter(self.values())).device
+
     def select(self, index):
         return type(self)({name: output.select(index) for name, output in self.items()})
 
@@ -164,6 +177,8 @@ class MPSMEnsembleItemOutput(dict):
 
     def cut(self, length):
         return type(self)({name: output.cut(length) for name, output in self.items()})
+
+    scores_against = MPSMItemOutput.scores_against
 
     @classmethod
     def concatenate(cls, outputs):
@@ -812,6 +827,59 @@ def pair_bytes(model, num_regions, num_words):
     config = max((member.config for member in model.members().values()), key=lambda c: c.embed_size)
     nodes = num_words + 1
     return 4 * (4 * num_words * config.embed_size + 8 * num_words * num_regions + 12 * nodes * config.sim_dim)
+
+
+def block_shape(num_images, num_texts, pairs_per_block):
+    """Images x captions of a call holding at most `pairs_per_block` pairs (at least one of each), as square as the
+    matrix allows, favouring more captions per call (cheaper cross attention per image)."""
+    block_images = max(1, min(num_images, math.isqrt(max(pairs_per_block, 1)) // 2))
+    block_texts = max(1, min(num_texts, pairs_per_block // block_images))
+    block_images = max(1, min(num_images, pairs_per_block // block_texts))
+    return block_images, block_texts
+
+
+def pair_calls(model, images, texts, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None):
+    """
+    The calls of `model.similarity` that score every image of `images` against every caption of `texts` (per-item
+    outputs) within `max_block_bytes` (see `CAPTION_BLOCKS`), or of `max_pairs_per_block` pairs: captions in ascending
+    length, taken from the long end so that a call's size follows its longest caption, to which it is cut (compiled,
+    `similarity` runs a call's captions as one uncut block).
+
+    Yields:
+        (rows, columns, image, text): the slice of images and the caption positions [T_c] of a call, and its inputs.
+    """
+    text, num_regions = next(iter(texts.members().values())), next(iter(images.members().values())).region_mask.shape[1]
+    lengths = text.attention_mask.sum(1)
+    order = lengths.argsort(stable=True)
+    sorted_lengths = lengths[order].tolist()
+    bytes_per_float = torch.finfo(text.word_embeds.dtype).bits // 8
+    end = texts.num_items
+    while end > 0:
+        pair_size = pair_bytes(model, num_regions, sorted_lengths[end - 1]) * bytes_per_float // 4
+        pairs = max_pairs_per_block or max(1, max_block_bytes // pair_size)
+        block_images, block_texts = block_shape(images.num_items, end, pairs)
+        columns = order[end - block_texts : end]
+        text_block = texts.select(columns).cut(sorted_lengths[end - 1])
+        for start in range(0, images.num_items, block_images):
+            rows = slice(start, start + block_images)
+            yield rows, columns, images.select(rows), text_block
+        end -= block_texts
+
+
+def query_scores(model, query, items, **bounds):
+    """
+    The scores [N] (float32) of one query (an image or a caption: per-item outputs of one item) against N `items` of
+    the other modality, in the calls of `pair_calls` (`bounds`: its `max_block_bytes`, `max_pairs_per_block`).
+    """
+    text_query = isinstance(next(iter(query.members().values())), MPSMTextOutput)
+    images, texts = (items, query) if text_query else (query, items)
+    scores = torch.empty(items.num_items, device=items.device)
+    for rows, columns, image, text in pair_calls(model, images, texts, **bounds):
+        if text_query:
+            scores[rows] = model.similarity(image, text)[:, 0].float()
+        else:
+            scores[columns] = model.similarity(image, text)[0].float()
+    return scores
 
 
 class CaptionBlock(NamedTuple):

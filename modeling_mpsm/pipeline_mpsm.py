@@ -19,15 +19,14 @@ It only imports torch and transformers; it works on the outputs of the model's `
 operations (`select`, `concatenate`, `members`).
 
 The gallery is encoded once, by `set_gallery`, with the per-item part of the model (`encode_image` / `encode_text`);
-each query is then encoded and scored against the whole gallery with `similarity`, in blocks of `block_size` gallery
-items (one batched call per block, no loop over pairs), and the `top_k` best are returned. This is exhaustive search;
+each query is then encoded and scored against the whole gallery with `similarity`, in calls of `block_size` gallery
+items (`scores_against`: one batched call per block, no loop over pairs), and the `top_k` best are returned. This is exhaustive search;
 for large galleries `modeling_mpsm.retrieval.MPSMRetriever` has a two-stage (global features, then re-ranking) search.
 
 Shapes: N gallery items, n regions per image (the processor's `num_regions`), f = config.img_dim, L words of a
 caption (with `<start>` and `<end>`), k = `top_k`.
 """
 
-import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -205,14 +204,10 @@ class MPSMRetrievalPipeline(Pipeline):
         text_query = "input_ids" in model_inputs
         kind = "images" if text_query else "captions"
         gallery = self._gallery(kind)
-        cache, size = gallery["cache"], len(gallery["ids"])
+        cache = gallery["cache"]
         query = self.model.encode_text(**model_inputs) if text_query else self.model.encode_image(**model_inputs)
-        blocks = [slice(start, start + block_size) for start in range(0, size, block_size)]
-        if text_query:  # [block, 1] per block
-            scores = torch.cat([self.model.similarity(cache.select(block), query)[:, 0] for block in blocks])
-        else:  # [1, block] per block
-            scores = torch.cat([self.model.similarity(query, cache.select(block))[0] for block in blocks])
-        best = scores.float().topk(self._top_k(top_k, kind))
+        scores = query.scores_against(cache, self.model, max_pairs_per_block=block_size)
+        best = scores.topk(self._top_k(top_k, kind))
         outputs = {"gallery": kind, "scores": best.values, "indices": best.indices}
         if return_attention:
             # an ensemble explains with its first member

@@ -280,10 +280,8 @@ def rerank(model, queries, gallery, k, rerank_k):
     _, candidates = gallery.search(query_embeddings, rerank_k)
     all_scores, all_indices = [], []
     for q in range(queries.num_items):
-        query = queries.select(slice(q, q + 1))
-        items = gallery.cache.select(candidates[q].to(query_embeddings.device))
-        scores = model.similarity(items, query)[:, 0] if gallery.kind == "image" else model.similarity(query, items)[0]
-        best = scores.float().topk(min(k, rerank_k))
+        items = gallery.cache.select(candidates[q].to(gallery.cache.device))
+        best = queries.select(slice(q, q + 1)).scores_against(items, model).topk(min(k, rerank_k))
         all_scores.append(best.values)
         all_indices.append(candidates[q][best.indices.cpu()])
     return torch.stack(all_scores).cpu(), torch.stack(all_indices)

@@ -1,14 +1,14 @@
 """Exhaustive scoring of every image against every caption with MPSM.
 
 The per-item part of the model (`encode_image`, `encode_text`) runs once per item and its outputs are cached
-(`encode_images`, `encode_texts`). The per-pair part (`model.similarity`) then runs over calls of images x captions
-cut as `modeling_mpsm.CAPTION_BLOCKS` says: captions in ascending length, as many pairs per call as the memory bound
-allows (`pair_bytes`), the scores scattered back to the original caption order. With an `accelerate.Accelerator`,
-every process scores its own rows (images) and the matrix is gathered.
+(`encode_images`, `encode_texts`). The per-pair part (`model.similarity`) then runs over the calls of images x
+captions that the model file cuts (`pair_calls`, the rule at `modeling_mpsm.CAPTION_BLOCKS`), the scores scattered
+back to the original caption order. With an `accelerate.Accelerator`, every process scores its own rows (images) and
+the matrix is gathered.
 
 Caches are [`MPSMImageOutput`] / [`MPSMTextOutput`] (or, for [`MPSMEnsembleModel`], an [`MPSMEnsembleItemOutput`] of
 them by member) holding all items, padded to a common number of regions / words; their operations (`select`,
-`concatenate`, `to`, `cut`, `num_items`, `members`) are their own.
+`concatenate`, `to`, `cut`, `num_items`, `members`, `scores_against`) are their own.
 """
 
 import copy
@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .common import progress_bar
-from .modeling_mpsm import MPSMEnsembleItemOutput, MPSMItemOutput, pair_bytes  # noqa: F401  (pair_bytes: callers)
+from .modeling_mpsm import (  # noqa: F401  (block_shape, pair_bytes: for the callers of this module)
+    DEFAULT_MAX_BLOCK_BYTES, MPSMEnsembleItemOutput, MPSMItemOutput, block_shape, pair_bytes, pair_calls,
+)
 
 
-DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # a call's tensors stay in cache (the bound chosen: docs/benchmarks.md)
 PROBE_REFINE_K = 20  # candidates of the re-scoring call timed by the speed probe
 IMAGE_INPUTS = ("region_features", "boxes", "region_mask", "image_sizes")  # the arguments of `encode_image`
 TEXT_INPUTS = ("input_ids", "attention_mask", "dependency_adjacency")  # the arguments of `encode_text`
@@ -33,11 +34,6 @@ logger = logging.getLogger(__name__)
 def cache_members(cache):
     """A cache's outputs by member, as its model's `members()` names them (`cache.members()`)."""
     return cache.members()
-
-
-def _first(cache):
-    """One model's output, or the first member's of an ensemble's (the members share masks and devices)."""
-    return next(iter(cache.members().values()))
 
 
 @torch.no_grad()
@@ -67,15 +63,6 @@ def encode_texts(model, batches, progress=True):
     return _encode(model.encode_text, batches, TEXT_INPUTS, progress, "encoding captions")
 
 
-def block_shape(num_images, num_texts, pairs_per_block):
-    """Images x captions of a block holding at most `pairs_per_block` pairs (at least one of each), as square as the
-    matrix allows, favouring more captions per block (cheaper cross attention per image)."""
-    block_images = max(1, min(num_images, math.isqrt(max(pairs_per_block, 1)) // 2))
-    block_texts = max(1, min(num_texts, pairs_per_block // block_images))
-    block_images = max(1, min(num_images, pairs_per_block // block_texts))
-    return block_images, block_texts
-
-
 def in_dtype(model, dtype):
     """
     The one precision switch of the per-pair part: a copy of `model` in `dtype` (half the memory traffic of the
@@ -103,29 +90,12 @@ def score_rows(model, images, texts, *, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES,
     """
     if dtype is not None and dtype != torch.float32:
         model, images, texts = in_dtype(model, dtype), images.to(dtype=dtype), texts.to(dtype=dtype)
-    bytes_per_float = torch.finfo(dtype or torch.float32).bits // 8
-    mask = _first(texts).attention_mask
-    lengths = mask.sum(1)
-    order = lengths.argsort(stable=True)  # the model's order (see `CAPTION_BLOCKS`)
-    sorted_lengths = lengths[order].tolist()
-    num_images, num_texts, num_regions = images.num_items, texts.num_items, _first(images).region_mask.shape[1]
-    scores = torch.empty(num_images, num_texts, dtype=torch.float32, device=mask.device)
+    scores = torch.empty(images.num_items, texts.num_items, dtype=torch.float32, device=texts.device)
     similarity = torch.compile(model.similarity, dynamic=True) if compile else model.similarity
-    bar = progress_bar(total=num_images * num_texts, desc="scoring", unit="pair", unit_scale=True, disable=not progress)
-    end = num_texts
-    with bar:
-        while end > 0:  # from the long end: a call's size follows its longest caption, the first of it taken
-            call_bytes = pair_bytes(model, num_regions, sorted_lengths[end - 1]) * bytes_per_float // 4
-            pairs = max_pairs_per_block or max(1, max_block_bytes // call_bytes)
-            block_images, block_texts = block_shape(num_images, end, pairs)
-            columns = order[end - block_texts : end]
-            # cut to the call's longest caption: compiled, `similarity` runs its captions as one uncut block
-            text_block = texts.select(columns).cut(sorted_lengths[end - 1])
-            for start in range(0, num_images, block_images):
-                rows = slice(start, start + block_images)
-                scores[rows, columns] = similarity(images.select(rows), text_block).float()
-                bar.update(len(scores[rows]) * len(columns))
-            end -= block_texts
+    with progress_bar(total=scores.numel(), desc="scoring", unit="pair", unit_scale=True, disable=not progress) as bar:
+        for rows, columns, image, text in pair_calls(model, images, texts, max_block_bytes, max_pairs_per_block):
+            scores[rows, columns] = similarity(image, text).float()
+            bar.update(image.num_items * len(columns))
     return scores
 
 
@@ -145,7 +115,7 @@ def choose_scoring_dtype(model, images, texts, refine_k=0, num_processes=1, prob
     Returns:
         `torch.float32` or `torch.bfloat16`.
     """
-    device_type = _first(texts).attention_mask.device.type
+    device_type = texts.device.type
     if not hasattr(model, "scoring_speed"):
         model.scoring_speed = {}  # device type -> the probe's timings (`_probe_scoring_speed`)
     if device_type not in model.scoring_speed:
@@ -197,18 +167,16 @@ def refine_top_k(model, images, texts, scores, k, progress=True):
     follow the float32 scores, unless a float32 top-K item ranked below k in reduced precision.
     """
     num_images, num_texts = scores.shape
-    image_device, text_device = _first(images).region_mask.device, _first(texts).attention_mask.device
-    bar = progress_bar(total=num_images + num_texts, desc="refining top k", disable=not progress)
-    with bar:
+    with progress_bar(total=num_images + num_texts, desc="refining top k", disable=not progress) as bar:
         for image, candidates in enumerate(scores.topk(min(k, num_texts), dim=1).indices):  # image-to-text
-            scores[image, candidates] = model.similarity(
-                images.select(slice(image, image + 1)), texts.select(candidates.to(text_device))
-            )[0].float().to(scores.device)
+            query = images.select(slice(image, image + 1))
+            scores[image, candidates] = query.scores_against(texts.select(candidates.to(texts.device)), model).to(
+                scores.device)
             bar.update()
         for text, candidates in enumerate(scores.topk(min(k, num_images), dim=0).indices.T):  # text-to-image
-            scores[candidates, text] = model.similarity(
-                images.select(candidates.to(image_device)), texts.select(slice(text, text + 1))
-            )[:, 0].float().to(scores.device)
+            query = texts.select(slice(text, text + 1))
+            scores[candidates, text] = query.scores_against(images.select(candidates.to(images.device)), model).to(
+                scores.device)
             bar.update()
     return scores
 
