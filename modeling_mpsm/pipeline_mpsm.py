@@ -14,9 +14,9 @@ retriever("a red car left of a small dog", top_k=5)  # -> [{"score": 0.91, "id":
 retriever({"region_features": feats[0], "boxes": boxes[0], "image_sizes": sizes[0]}, top_k=5)  # -> captions
 ```
 
-It only imports torch and transformers; it works on the outputs of the model's `encode_image` / `encode_text`
+It only imports transformers; it works on the outputs of the model's `encode_image` / `encode_text`
 (`MPSMImageOutput` / `MPSMTextOutput`, or an ensemble's `MPSMEnsembleItemOutput` of them) through their own
-operations (`select`, `concatenate`, `members`).
+operations (`select`, `concatenate`, `members`, `scores_against`).
 
 The gallery is encoded once, by `set_gallery`, with the per-item part of the model (`encode_image` / `encode_text`);
 each query is then encoded and scored against the whole gallery with `similarity`, in calls of `block_size` gallery
