@@ -1,12 +1,12 @@
-"""First stage of two-stage retrieval at scale: exact (flat) search against faiss IVF-Flat and HNSW in `MPSMIndex`.
+"""First stage of two-stage retrieval at scale: exact (flat) search against faiss IVF-Flat in `MPSMIndex`.
 
-    nice -n 10 python benchmarks/first_stage.py                       # 1,000,000 x 1024, 1000 queries, IVF and HNSW
-    python benchmarks/first_stage.py --size 100000 --methods ivf      # quick
+    nice -n 10 python benchmarks/first_stage.py                       # 1,000,000 x 1024, 1000 queries
+    python benchmarks/first_stage.py --size 100000                    # quick
     python benchmarks/first_stage.py --embeddings gallery.npy         # your own [N, d] global embeddings
 
 Every figure is measured in this run against exact search over the same gallery, through the package's `MPSMIndex`
 (exact: `faiss.knn`, BLAS over the whole gallery, no build step): build time (IVF: k-means on min(N, 64 * nlist)
-sampled items + assigning every item; HNSW: graph construction), latency per query of one batch of `--queries`
+sampled items + assigning every item), latency per query of one batch of `--queries`
 queries (best of `--repeats`), its speed-up over exact search, and recall@k: the share of the exact top k (k = 100,
 the re-ranking depth of `rerank_k=100`) that the approximate top k holds.
 
@@ -18,7 +18,7 @@ log-normal (sigma 1) weights, so a few concepts hold thousands of items and many
 ~0.86 from it (random noise of norm 0.6, then L2 normalisation). Queries are gallery items perturbed the same way
 (noise 0.5: cosine ~0.89 to their source), standing in for the other modality's embedding of a matching pair. The
 exact top 100 of a query is then mostly its concept's items, and then items of sibling concepts — the structure
-that an inverted file or a graph exploits. How well that holds for a trained model's embeddings has to be measured
+that an inverted file exploits. How well that holds for a trained model's embeddings has to be measured
 on them (`--embeddings`): recall at a given nprobe depends on the data, the speed-up mostly on the share scanned.
 """
 
@@ -46,11 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--embeddings", help=".npy file of [N, d] gallery embeddings instead of the synthetic ones.")
     parser.add_argument("--queries", type=int, default=1000, help="Queries, searched as one batch.")
     parser.add_argument("--k", type=int, default=100, help="Results per query; recall is of the exact top k.")
-    parser.add_argument("--methods", nargs="+", choices=("ivf", "hnsw"), default=["ivf", "hnsw"])
     parser.add_argument("--nlist", type=int, help="IVF lists; default MPSMIndex's 4 * sqrt(N).")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
-    parser.add_argument("--hnsw_m", type=int, default=32)
-    parser.add_argument("--ef_search", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--repeats", type=int, default=3, help="Timed searches per setting; the best is kept.")
     parser.add_argument("--recall_target", type=float, default=0.95)
     parser.add_argument("--speedup_target", type=float, default=10.0)
@@ -141,38 +138,28 @@ def main(argv=None):
               f"topic; mean score of rank 1 {exact_scores[:, 0].mean():.3f}, of rank {args.k} "
               f"{exact_scores[:, -1].mean():.3f}")
 
-    chosen = {}
-    sweeps = {  # each approximate first stage: its build options, the search knob swept, the row's label
-        "ivf": ({"nlist": args.nlist}, "nprobe", args.nprobe,
-                lambda index, value: f"nlist {index.nlist}, nprobe {value}"),
-        "hnsw": ({"hnsw_m": args.hnsw_m}, "ef_search", args.ef_search,
-                 lambda index, value: f"M {args.hnsw_m}, ef_search {value}"),
-    }
-    for method in [method for method in sweeps if method in args.methods]:
-        options, knob, values, label = sweeps[method]
-        index = MPSMIndex(cache, first_stage=method, **options)
-        build, _ = best_time(index.build, 1)
-        for value in values:
-            setattr(index, knob, value)
-            seconds, (_, ids) = best_time(lambda: index.search(queries, args.k), args.repeats)
-            add_row(method, label(index, value), build, seconds, ids.numpy())
-        del index  # one copy of the embeddings per index: free it before the next
+    index = MPSMIndex(cache, first_stage="ivf", nlist=args.nlist)
+    build, _ = best_time(index.build, 1)
+    for nprobe in args.nprobe:
+        index.nprobe = nprobe
+        seconds, (_, ids) = best_time(lambda: index.search(queries, args.k), args.repeats)
+        add_row("ivf", f"nlist {index.nlist}, nprobe {nprobe}", build, seconds, ids.numpy())
 
     print(f"\n{args.queries} queries in one batch, top {args.k}; exact search measured in this run is the baseline")
     print(f"{'method':>12} {'setting':>26} {'build (s)':>10} {'ms/query':>9} {'speed-up':>9} "
           f"{f'recall@{args.k}':>11} {'self@1':>7}")
+    chosen = None
     for method, setting, build, seconds, found, self_at_1 in rows:
         print(f"{method:>12} {setting:>26} {build:10.1f} {1000 * seconds / args.queries:9.3f} "
               f"{exact_seconds / seconds:8.1f}x {100 * found:10.1f}% {100 * self_at_1:6.1f}%")
         if method != "exact (flat)" and found >= args.recall_target and exact_seconds / seconds >= args.speedup_target:
-            chosen.setdefault(method, setting)  # rows go from the cheapest setting up
-    for method in args.methods:
-        if method in chosen:
-            print(f"{method}: the cheapest setting with recall@{args.k} >= {100 * args.recall_target:.0f} % and "
-                  f">= {args.speedup_target:.0f}x less latency than exact: {chosen[method]}")
-        else:
-            print(f"{method}: no setting reached recall@{args.k} >= {100 * args.recall_target:.0f} % with "
-                  f">= {args.speedup_target:.0f}x less latency than exact")
+            chosen = chosen or setting  # rows go from the cheapest setting up
+    if chosen:
+        print(f"ivf: the cheapest setting with recall@{args.k} >= {100 * args.recall_target:.0f} % and "
+              f">= {args.speedup_target:.0f}x less latency than exact: {chosen}")
+    else:
+        print(f"ivf: no setting reached recall@{args.k} >= {100 * args.recall_target:.0f} % with "
+              f">= {args.speedup_target:.0f}x less latency than exact")
     print(f"MPSMIndex's default nprobe: {DEFAULT_NPROBE}; load average at the end "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 

@@ -19,7 +19,7 @@ import torch
 
 from modeling_mpsm import MPSMConfig, MPSMModel
 from modeling_mpsm.retrieval import MPSMIndex, global_embeddings, rerank
-from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix, select_items
+from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
 from modeling_mpsm.training import set_loss_mode
 
 
@@ -118,7 +118,7 @@ def main(argv=None):
               f"{'pair evals':>11}")
     print(header)
     for size in args.sizes:
-        gallery = MPSMIndex(select_items(all_images, slice(0, size)))
+        gallery = MPSMIndex(all_images.select(slice(0, size)))
         start = time.perf_counter()
         scores = score_matrix(model, gallery.cache, queries, progress=False)
         seconds = time.perf_counter() - start

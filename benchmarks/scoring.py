@@ -29,7 +29,6 @@ from modeling_mpsm.scoring import (
     encode_texts,
     refine_top_k,
     score_matrix,
-    select_items,
 )
 
 
@@ -114,9 +113,9 @@ def sgraf_scheme(model, images, texts, shard=100):
     with torch.no_grad():
         for i in range(0, num_images, shard):
             for t in range(0, num_texts, shard):
-                shard_images = select_items(images, slice(i, i + shard))
+                shard_images = images.select(slice(i, i + shard))
                 for j in range(t, min(t + shard, num_texts)):
-                    scores[i : i + shard, j] = model.similarity(shard_images, select_items(texts, slice(j, j + 1)))[:, 0]
+                    scores[i : i + shard, j] = model.similarity(shard_images, texts.select(slice(j, j + 1)))[:, 0]
     return scores
 
 
@@ -186,10 +185,10 @@ def count_flops(model, images, texts, lengths, num_regions, options):
                          progress=False)
     # 256 captions, run in 8 blocks of 32 (modeling_mpsm.CAPTION_BLOCKS): the Gram matrix per block is ~0.2% of it
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.similarity(select_items(images, slice(0, 2)), probe)
+        model.similarity(images.select(slice(0, 2)), probe)
     counted = counter.get_total_flops() / (2 * len(probe.attention_mask))
     assert abs(counted / pair_flops(config, int(lengths[0]), num_regions) - 1) < 0.01, counted
-    flop_images = select_items(images, slice(0, min(10, len(images.region_mask))))
+    flop_images = images.select(slice(0, min(10, len(images.region_mask))))
     with FlopCounterMode(display=False) as counter:
         score_matrix(model, flop_images, texts, progress=False, **options)
     executed = counter.get_total_flops() / (len(flop_images.region_mask) * num_texts)
@@ -229,8 +228,8 @@ def main(argv=None):
     flops_per_pair = count_flops(model, images, texts, lengths, args.num_regions, options)
 
     # Interleaved rounds, best throughput of each method: the machine may be shared, and load hits every method alike.
-    sgraf_texts = select_items(texts, slice(0, min(100, num_texts)))
-    sgraf_scheme(model, select_items(images, slice(0, 10)), select_items(sgraf_texts, slice(0, 5)))  # warm-up
+    sgraf_texts = texts.select(slice(0, min(100, num_texts)))
+    sgraf_scheme(model, images.select(slice(0, 10)), sgraf_texts.select(slice(0, 5)))  # warm-up
     # dtype="auto" (the CLIs' default): its once-per-process probe runs here, outside the timings
     chosen, probe_seconds = timed(lambda: choose_scoring_dtype(model, images, texts))
     chosen = "bf16" if chosen == torch.bfloat16 else "fp32"

@@ -23,7 +23,7 @@ import torch
 from .common import CAPTIONS_PER_IMAGE, METRIC_KEYS, RECALL_KS
 from .data import caption_batches, image_batches
 from .metrics.recall_at_k.ranking import retrieval_ranks, retrieval_recalls
-from .scoring import encode_images, encode_texts, score_matrix, select_items
+from .scoring import encode_images, encode_texts, score_matrix
 
 
 __all__ = ["METRIC_KEYS", "PROTOCOL_FOLDS", "DEFAULT_SPLITS", "RECALL_KS", "retrieval_ranks", "retrieval_recalls",
@@ -85,7 +85,7 @@ def fold_score_matrices(
     for fold in protocol_folds(len(dataset), num_folds):
         captions = slice(fold.start * CAPTIONS_PER_IMAGE, fold.stop * CAPTIONS_PER_IMAGE)
         matrix = score_matrix(
-            model, select_items(images, fold), select_items(texts, captions),
+            model, images.select(fold), texts.select(captions),
             dtype=dtype, progress=show, accelerator=accelerator, **score_options,
         )
         matrices.append(matrix.cpu())

@@ -30,18 +30,82 @@ from .configuration_mpsm import PERSPECTIVES, MPSMConfig, MPSMEnsembleConfig
 from .processing_mpsm import normalize_boxes
 
 
-# The per-pair part runs the captions of a batch in blocks of similar length (`MPSMModel.pair_logits`): at least
-# CAPTION_BLOCKS blocks (less padding), more when the batch's [I, T, L, d] per-pair tensors exceed BLOCK_FLOATS floats
-# per block (cache locality; every allocation of a large tensor also page-faults on CPU).
+# How the per-pair part is cut, in one place for every caller (training, scoring, retrieval, the pipeline), captions
+# always in ascending length: a gallery of pairs into calls of `similarity` (`pair_calls`: whole images x captions,
+# as many pairs as `pair_bytes` fits in DEFAULT_MAX_BLOCK_BYTES, so that peak memory does not grow with the gallery),
+# and the captions of one call into blocks (`pair_logits`: CAPTION_BLOCKS of them for less padding, each cut to its
+# longest caption, or more so that a block's [I, T_b, L_b, d] tensors hold at most BLOCK_FLOATS floats: cache
+# locality, and every allocation of a large tensor page-faults on CPU); under tracing, one uncut block.
 CAPTION_BLOCKS = 8
 BLOCK_FLOATS = 2**22
+DEFAULT_MAX_BLOCK_BYTES = 64 * 2**20  # a call's tensors stay in cache (the bound chosen: docs/benchmarks.md)
 
 
 # Outputs ------------------------------------------------------------------------------------------------------------
 
 
+class MPSMItemOutput(ModelOutput):
+    """
+    The operations that the users of per-item outputs (scoring, retrieval, the pipeline) need, shared by
+    [`MPSMImageOutput`] and [`MPSMTextOutput`]: axis 0 of every tensor runs over the items, axis 1 of `padded_fields`
+    and of each hidden state over regions or words.
+    """
+
+    padded_fields = ()
+
+    def members(self):
+        """This output by member, as `MPSMModel.members()` names the model: {"model": self}."""
+        return {"model": self}
+
+    @property
+    def num_items(self):
+        """The number of images or captions held."""
+        return len(next(iter(self.values())))
+
+    @property
+    def device(self):
+        return next(iter(self.values())).device
+
+    def _map(self, function):
+        """This output with `function` applied to each tensor (each state of `hidden_states`)."""
+        return type(self)(**{name: tuple(map(function, value)) if isinstance(value, tuple) else function(value)
+                             for name, value in self.items()})
+
+    def select(self, index):
+        """The items `index` (a slice, or positions [k]), as an output of the same kind."""
+        return self._map(lambda value: value[index])
+
+    def to(self, device=None, dtype=None):
+        """The tensors on `device`, the floating-point ones in `dtype` (masks keep theirs)."""
+        return self._map(lambda value: value.to(device, dtype if value.is_floating_point() else None))
+
+    def cut(self, length):
+        """The regions / words beyond `length` dropped (padding only, when at least the longest item's)."""
+        return type(self)(**{name: value[:, :length] if name in self.padded_fields else value
+                             for name, value in self.items()})
+
+    def scores_against(self, items, model, **bounds):
+        """The scores [N] of this one item against N `items` of the other modality (`query_scores`)."""
+        return query_scores(model, self, items, **bounds)
+
+    @classmethod
+    def concatenate(cls, outputs):
+        """The outputs of consecutive batches as one, zero-padded (False for masks) to the most regions / words."""
+        def cat(values, padded):
+            if padded:
+                length = max(value.shape[1] for value in values)
+                values = [F.pad(value, (0, 0) * (value.dim() - 2) + (0, length - value.shape[1])) for value in values]
+            return torch.cat(values)
+
+        return cls(**{
+            name: tuple(cat(states, True) for states in zip(*[output[name] for output in outputs]))
+            if isinstance(value, tuple) else cat([output[name] for output in outputs], name in cls.padded_fields)
+            for name, value in outputs[0].items()
+        })
+
+
 @dataclass
-class MPSMImageOutput(ModelOutput):
+class MPSMImageOutput(MPSMItemOutput):
     """
     Per-image part of MPSM, computed once per image.
 
@@ -58,9 +122,11 @@ class MPSMImageOutput(ModelOutput):
     image_embeds: torch.FloatTensor = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
+    padded_fields = ("region_embeds", "region_mask")
+
 
 @dataclass
-class MPSMTextOutput(ModelOutput):
+class MPSMTextOutput(MPSMItemOutput):
     """
     Per-caption part of MPSM, computed once per caption.
 
@@ -83,6 +149,42 @@ class MPSMTextOutput(ModelOutput):
     word_weights: torch.FloatTensor = None
     guidance: torch.FloatTensor = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+    padded_fields = ("word_embeds", "attention_mask", "word_weights")
+
+
+class MPSMEnsembleItemOutput(dict):
+    """
+    The per-item outputs of an ensemble's members by short name, as `MPSMEnsembleModel.members()` names them
+    (`{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`), with the operations of [`MPSMItemOutput`] member by member.
+    """
+
+    def members(self):
+        return dict(self)
+
+    @property
+    def num_items(self):
+        return next(iter(self.values())).num_items
+
+    @property
+    def device(self):
+        return next(iter(self.values())).device
+
+    def select(self, index):
+        return type(self)({name: output.select(index) for name, output in self.items()})
+
+    def to(self, device=None, dtype=None):
+        return type(self)({name: output.to(device, dtype) for name, output in self.items()})
+
+    def cut(self, length):
+        return type(self)({name: output.cut(length) for name, output in self.items()})
+
+    scores_against = MPSMItemOutput.scores_against
+
+    @classmethod
+    def concatenate(cls, outputs):
+        return cls({name: type(output).concatenate([members[name] for members in outputs])
+                    for name, output in outputs[0].items()})
 
 
 @dataclass
@@ -704,13 +806,78 @@ def caption_blocks(order, lengths, floats_per_word):
     return blocks
 
 
-class PairBlock(NamedTuple):
-    """The inputs of the similarity nodes for the pairs of one block of captions (see `MPSMSimilarityHead.forward`)."""
+def pair_bytes(model, num_regions, num_words):
+    """
+    Rough peak bytes of the per-pair part for one pair in fp32: the d-wide per-word tensors (attended regions, their
+    distance/direction features), the attention maps (cosines, softmax, and the quadratic form of the attended norms)
+    and the m-wide similarity nodes of SRGR. Sizes the calls a gallery is cut into (see `CAPTION_BLOCKS`).
+    """
+    config = max((member.config for member in model.members().values()), key=lambda c: c.embed_size)
+    nodes = num_words + 1
+    return 4 * (4 * num_words * config.embed_size + 8 * num_words * num_regions + 12 * nodes * config.sim_dim)
 
-    local_pairs: tuple | None
-    local_mask: torch.Tensor | None
-    local_weights: torch.Tensor | None
-    global_pair: tuple
+
+def block_shape(num_images, num_texts, pairs_per_block):
+    """Images x captions of a call holding at most `pairs_per_block` pairs (at least one of each), as square as the
+    matrix allows, favouring more captions per call (cheaper cross attention per image)."""
+    block_images = max(1, min(num_images, math.isqrt(max(pairs_per_block, 1)) // 2))
+    block_texts = max(1, min(num_texts, pairs_per_block // block_images))
+    block_images = max(1, min(num_images, pairs_per_block // block_texts))
+    return block_images, block_texts
+
+
+def pair_calls(model, images, texts, max_block_bytes=DEFAULT_MAX_BLOCK_BYTES, max_pairs_per_block=None):
+    """
+    The calls of `model.similarity` that score every image of `images` against every caption of `texts` (per-item
+    outputs) within `max_block_bytes` (see `CAPTION_BLOCKS`), or of `max_pairs_per_block` pairs: captions in ascending
+    length, taken from the long end so that a call's size follows its longest caption, to which it is cut (compiled,
+    `similarity` runs a call's captions as one uncut block).
+
+    Yields:
+        (rows, columns, image, text): the slice of images and the caption positions [T_c] of a call, and its inputs.
+    """
+    text, num_regions = next(iter(texts.members().values())), next(iter(images.members().values())).region_mask.shape[1]
+    lengths = text.attention_mask.sum(1)
+    order = lengths.argsort(stable=True)
+    sorted_lengths = lengths[order].tolist()
+    bytes_per_float = torch.finfo(text.word_embeds.dtype).bits // 8
+    end = texts.num_items
+    while end > 0:
+        pair_size = pair_bytes(model, num_regions, sorted_lengths[end - 1]) * bytes_per_float // 4
+        pairs = max_pairs_per_block or max(1, max_block_bytes // pair_size)
+        block_images, block_texts = block_shape(images.num_items, end, pairs)
+        columns = order[end - block_texts : end]
+        text_block = texts.select(columns).cut(sorted_lengths[end - 1])
+        for start in range(0, images.num_items, block_images):
+            rows = slice(start, start + block_images)
+            yield rows, columns, images.select(rows), text_block
+        end -= block_texts
+
+
+def query_scores(model, query, items, **bounds):
+    """
+    The scores [N] (float32) of one query (an image or a caption: per-item outputs of one item) against N `items` of
+    the other modality, in the calls of `pair_calls` (`bounds`: its `max_block_bytes`, `max_pairs_per_block`).
+    """
+    text_query = isinstance(next(iter(query.members().values())), MPSMTextOutput)
+    images, texts = (items, query) if text_query else (query, items)
+    scores = torch.empty(items.num_items, device=items.device)
+    for rows, columns, image, text in pair_calls(model, images, texts, **bounds):
+        if text_query:
+            scores[rows] = model.similarity(image, text)[:, 0].float()
+        else:
+            scores[columns] = model.similarity(image, text)[0].float()
+    return scores
+
+
+class CaptionBlock(NamedTuple):
+    """The per-pair inputs of one block of T_b captions against every image (see `MPSMModel.pair_logits`)."""
+
+    regions: torch.Tensor  # [I, n, d], or [I, T_b, n, d] with text-guided region features
+    words: torch.Tensor  # [T_b, L_b, d]
+    word_mask: torch.Tensor  # [T_b, L_b]
+    word_weights: torch.Tensor  # [T_b, L_b]
+    text_embeds: torch.Tensor  # [T_b, d]
 
 
 class MPSMSimilarityHead(nn.Module):
@@ -754,26 +921,27 @@ class MPSMSimilarityHead(nn.Module):
         readouts = [block[:, 0] if read_global else masked_mean(block, mask) for block, mask in zip(nodes, masks)]
         return [self.evaluate(readout.to(self.evaluate.weight.dtype)).squeeze(-1) for readout in readouts]
 
-    def similarity_nodes(self, block):
+    def similarity_nodes(self, local_pairs, local_mask, local_weights, global_pair):
         """
         The similarity nodes of one block of pairs (eq 10-15), [P, K, m], and their mask [P, K]: [s_g, s_1 … s_k].
 
-        `block` is a `PairBlock`: local_pairs, the (attended, target) local node inputs broadcastable to [..., k, d]
-        with P pairs in the leading axes (e.g. [I, T_b, k, d] and [T_b, k, d]), or None for "global" alignment;
-        local_mask [P, k]; local_weights [P, k] (word self-attention) or None; global_pair (v̄, t̄) broadcastable to [..., d].
+        Args (`MPSMPairNodes.pair_inputs`): local_pairs, the (attended, target) local node inputs broadcastable to
+        [..., k, d] with P pairs in the leading axes (e.g. [I, T_b, k, d] and [T_b, k, d]), or None for "global"
+        alignment; local_mask [P, k]; local_weights [P, k] (word self-attention) or None; global_pair (v̄, t̄)
+        broadcastable to [..., d].
         """
         nodes, masks = [], []
         if self.global_similarity is not None:
-            global_nodes = self.global_similarity(*block.global_pair)
+            global_nodes = self.global_similarity(*global_pair)
             nodes.append(global_nodes.reshape(-1, 1, global_nodes.shape[-1]))
             masks.append(torch.ones_like(nodes[0][:, :, 0], dtype=torch.bool))
         if self.local_similarity is not None:
-            local_nodes = self.local_similarity(*block.local_pairs)
+            local_nodes = self.local_similarity(*local_pairs)
             local_nodes = local_nodes.reshape(-1, *local_nodes.shape[-2:])
-            if block.local_weights is not None:
-                local_nodes = local_nodes * block.local_weights.unsqueeze(-1)
+            if local_weights is not None:
+                local_nodes = local_nodes * local_weights.unsqueeze(-1)
             nodes.append(local_nodes)
-            masks.append(block.local_mask)
+            masks.append(local_mask)
         return (torch.cat(nodes, 1) if len(nodes) > 1 else nodes[0]), torch.cat(masks, 1)
 
 
@@ -803,16 +971,17 @@ class MPSMPairNodes(GradientCheckpointingLayer):
         Returns:
             `tuple[torch.Tensor]`: per head, its nodes [P, K, m] and their mask [P, K], one after the other.
         """
-        block = self.pair_block(stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
-        return tuple(tensor for head in heads for tensor in head.similarity_nodes(block))
+        inputs = self.pair_inputs(stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds)
+        return tuple(tensor for head in heads for tensor in head.similarity_nodes(*inputs))
 
-    def pair_block(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
-        """The inputs of the similarity nodes of every image against a block of T captions (step 5), a `PairBlock`."""
+    def pair_inputs(self, stream, regions, region_mask, words, word_mask, word_weights, image_embeds, text_embeds):
+        """The inputs of the similarity nodes of every image against a block of T captions (step 5): local_pairs,
+        local_mask, local_weights, global_pair (see `MPSMSimilarityHead.similarity_nodes`)."""
         num_images, num_texts = region_mask.shape[0], word_mask.shape[0]  # shapes, not len(): symbolic under tracing
         pairs, num_regions, num_words = num_images * num_texts, region_mask.shape[1], word_mask.shape[1]
         global_pair = (image_embeds.unsqueeze(1), text_embeds)  # [I, 1, d], [T, d]: broadcast, not copied
         if self.alignment == "global":
-            return PairBlock(None, None, None, global_pair)
+            return None, None, None, global_pair
         if stream == "t2i":  # words attend to regions (the paper)
             attended, _ = cross_attention(words, word_mask, regions, region_mask, self.lambda_softmax, False)
             local_mask = word_mask.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
@@ -820,12 +989,12 @@ class MPSMPairNodes(GradientCheckpointingLayer):
                 word_weights.unsqueeze(0).expand(num_images, -1, -1).reshape(pairs, num_words)
                 if self.word_self_attention else None
             )
-            return PairBlock((attended, words), local_mask, local_weights, global_pair)  # [I, T, L, d], [T, L, d]
+            return (attended, words), local_mask, local_weights, global_pair  # [I, T, L, d], [T, L, d]
         # two-stream reasoning: regions attend to words
         attended, _ = cross_attention(regions, region_mask, words, word_mask, self.lambda_softmax, True)
         target = regions if regions.dim() == 4 else regions.unsqueeze(1)  # [I, T or 1, n, d]
         local_mask = region_mask.unsqueeze(1).expand(-1, num_texts, -1).reshape(pairs, num_regions)
-        return PairBlock((attended, target), local_mask, None, global_pair)
+        return (attended, target), local_mask, None, global_pair
 
 
 # 8. Losses (eq 21 and the options) ----------------------------------------------------------------------------------
@@ -1224,13 +1393,11 @@ class MPSMModel(MPSMPreTrainedModel):
         Logits of every image against every caption, per perspective (the per-pair part: steps 5-7); the scores are
         their σ, so both rank alike.
 
-        The per-pair work grows with the caption length, so the captions are sorted by length and run in blocks, each
-        cut to its own longest caption (in one block every pair would pay for the longest caption of the batch: about
-        twice the work at Flickr30K's caption lengths): `CAPTION_BLOCKS` blocks, or more so that a block's
-        [I, T_b, L_b, d] tensors hold about `BLOCK_FLOATS` floats (at paper size, batch 128: 64 blocks instead of 8,
-        a third less time per update). The blocks share SRGR's batch statistics, so the logits are those of one
-        block. Region padding beyond the largest count is dropped. Under tracing (torch.export, torch.compile), where
-        these cuts would be shapes read from the data, the captions run as one uncut block (the padding is masked).
+        The per-pair work grows with the caption length, so the captions run in blocks of similar length, each cut to
+        its own longest caption (in one block every pair would pay for the batch's longest caption); the blocks follow
+        the rule written at `CAPTION_BLOCKS`. They share SRGR's batch statistics, so the logits are those of one block.
+        Region padding beyond the largest count is dropped. Under tracing (torch.export, torch.compile), where these
+        cuts would be shapes read from the data, the captions run as one uncut block (the padding is masked).
         Returns:
             `dict[str, torch.FloatTensor]`: perspective -> [I, T] logits (mean over streams).
         """
@@ -1249,52 +1416,42 @@ class MPSMModel(MPSMPreTrainedModel):
         else:  # (captions, their longest length) per block
             caption_index = [(index, int(lengths[index].max()))
                              for index in caption_blocks(order, lengths, floats_per_word=len(regions) * words.shape[-1])]
-        blocks = []  # per block of captions: regions, words, word mask, word weights, global caption features
+        blocks = []
         for index, num_words in caption_index:
             block_regions = regions
             if text.guidance is not None:  # text-guided region features: the caption gates the region channels, [I, T_b, n, d]
                 guidance = text.guidance[index].to(dtype)[None, :, None, :]
                 block_regions = l2norm(regions.unsqueeze(1) * guidance) * region_mask[:, None, :, None]
-            blocks += [block_regions, words[index, :num_words], text.attention_mask[index, :num_words],
-                       text.word_weights[index, :num_words], text_embeds[index]]
+            blocks.append(CaptionBlock(block_regions, words[index, :num_words], text.attention_mask[index, :num_words],
+                                       text.word_weights[index, :num_words], text_embeds[index]))
         logits = {}
         for stream in self.config.stream_names:
             for perspective, value in zip(self.config.perspectives,
-                                          self.stream_logits(stream, region_mask, image_embeds, *blocks)):
+                                          self.stream_logits(stream, region_mask, image_embeds, blocks)):
                 logits[perspective] = logits.get(perspective, 0) + value / len(self.config.stream_names)
         if order is None:
             return logits
         inverse = order.argsort()  # back to the captions' order
         return {perspective: value[:, inverse] for perspective, value in logits.items()}
 
-    def stream_logits(self, stream, region_mask, image_embeds, *blocks):
+    def stream_logits(self, stream, region_mask, image_embeds, blocks):
         """
         One stream's logits per perspective: cross attention (step 5), similarity nodes (eq 10-15), SRGR (eq 16-20).
 
-        Args: region_mask [I, n], image_embeds [I, d], then per block of T_b captions (flat, five tensors each):
-            regions [I, n, d] (or [I, T_b, n, d] with text-guided region features), words [T_b, L_b, d],
-            word_mask [T_b, L_b], word_weights [T_b, L_b], text_embeds [T_b, d].
+        Args: region_mask [I, n], image_embeds [I, d], blocks: list of `CaptionBlock` (T_b captions each).
         Returns:
             `tuple[torch.FloatTensor]`: one [I, T] logit matrix per perspective of `config.perspectives`, the blocks'
             captions side by side.
         """
         heads = [self.heads[f"{stream}_{perspective}"] for perspective in self.config.perspectives]
-        perspective_nodes = {perspective: ([], []) for perspective in self.config.perspectives}
-        for regions, words, word_mask, word_weights, text_embeds in zip(*[iter(blocks)] * 5):
-            # block by block (a checkpointed layer: with gradient checkpointing, the [I, T_b, L_b, d] intermediates of
-            # one block at a time are kept)
-            block_nodes = self.pair_nodes(regions, region_mask, words, word_mask, word_weights, image_embeds,
-                                          text_embeds, stream=stream, heads=heads)
-            for perspective, nodes, mask in zip(self.config.perspectives, block_nodes[::2], block_nodes[1::2]):
-                perspective_nodes[perspective][0].append(nodes)
-                perspective_nodes[perspective][1].append(mask)
-        num_images, sizes = region_mask.shape[0], [text_embeds.shape[0] for text_embeds in blocks[4::5]]
+        # block by block (a checkpointed layer: with gradient checkpointing, the [I, T_b, L_b, d] intermediates of one
+        # block at a time are kept); per block, each head's nodes [P_b, K_b, m] and mask [P_b, K_b]
+        outputs = [self.pair_nodes(block.regions, region_mask, block.words, block.word_mask, block.word_weights,
+                                   image_embeds, block.text_embeds, stream=stream, heads=heads) for block in blocks]
         return tuple(
-            torch.cat([
-                logits.view(num_images, size)
-                for logits, size in zip(head(nodes, masks), sizes)
-            ], dim=1)
-            for head, (nodes, masks) in zip(heads, perspective_nodes.values())
+            torch.cat([logits.view(region_mask.shape[0], block.text_embeds.shape[0]) for logits, block in zip(
+                head([output[2 * h] for output in outputs], [output[2 * h + 1] for output in outputs]), blocks)], 1)
+            for h, head in enumerate(heads)
         )
 
     @staticmethod
@@ -1444,14 +1601,16 @@ class MPSMEnsembleModel(MPSMHubMixin, PreTrainedModel):
         return check_text_inputs(input_ids, attention_mask, dependency_adjacency, first.config.vocab_size)
 
     def encode_image(self, region_features, boxes=None, region_mask=None, image_sizes=None):
-        """Per-image outputs of every member: `{"dis": MPSMImageOutput, "dir": MPSMImageOutput}`."""
+        """Per-image outputs of every member: an [`MPSMEnsembleItemOutput`] `{"dis": MPSMImageOutput, "dir": ...}`."""
         image = self.check_image_inputs(region_features, boxes, region_mask, image_sizes)
-        return {name: member.encode_image(*image, inputs_checked=True) for name, member in self.members().items()}
+        return MPSMEnsembleItemOutput({name: member.encode_image(*image, inputs_checked=True)
+                                       for name, member in self.members().items()})
 
     def encode_text(self, input_ids, attention_mask=None, dependency_adjacency=None):
-        """Per-caption outputs of every member: `{"dis": MPSMTextOutput, "dir": MPSMTextOutput}`."""
+        """Per-caption outputs of every member: an [`MPSMEnsembleItemOutput`] `{"dis": MPSMTextOutput, "dir": ...}`."""
         text = self.check_text_inputs(input_ids, attention_mask, dependency_adjacency)
-        return {name: member.encode_text(*text, inputs_checked=True) for name, member in self.members().items()}
+        return MPSMEnsembleItemOutput({name: member.encode_text(*text, inputs_checked=True)
+                                       for name, member in self.members().items()})
 
     def similarity(self, image, text):
         """Mean of the members' scores, [I, T]."""

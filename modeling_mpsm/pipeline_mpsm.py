@@ -14,22 +14,21 @@ retriever("a red car left of a small dog", top_k=5)  # -> [{"score": 0.91, "id":
 retriever({"region_features": feats[0], "boxes": boxes[0], "image_sizes": sizes[0]}, top_k=5)  # -> captions
 ```
 
-It only imports torch and transformers; it works on the outputs of the model's `encode_image` / `encode_text`
-(`MPSMImageOutput` / `MPSMTextOutput`, or an ensemble's dict of them).
+It only imports transformers; it works on the outputs of the model's `encode_image` / `encode_text`
+(`MPSMImageOutput` / `MPSMTextOutput`, or an ensemble's `MPSMEnsembleItemOutput` of them) through their own
+operations (`select`, `concatenate`, `members`, `scores_against`).
 
 The gallery is encoded once, by `set_gallery`, with the per-item part of the model (`encode_image` / `encode_text`);
-each query is then encoded and scored against the whole gallery with `similarity`, in blocks of `block_size` gallery
-items (one batched call per block, no loop over pairs), and the `top_k` best are returned. This is exhaustive search;
+each query is then encoded and scored against the whole gallery with `similarity`, in calls of `block_size` gallery
+items (`scores_against`: one batched call per block, no loop over pairs), and the `top_k` best are returned. This is exhaustive search;
 for large galleries `modeling_mpsm.retrieval.MPSMRetriever` has a two-stage (global features, then re-ranking) search.
 
 Shapes: N gallery items, n regions per image (the processor's `num_regions`), f = config.img_dim, L words of a
 caption (with `<start>` and `<end>`), k = `top_k`.
 """
 
-import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
-from transformers.utils import ModelOutput
 
 
 TASK = "mpsm-retrieval"
@@ -41,28 +40,6 @@ def custom_pipelines():
     """The `custom_pipelines` entry of config.json that makes `pipeline(model=dir, trust_remote_code=True)` load
     `MPSMRetrievalPipeline` from this file of the repository, with the model loaded by `AutoModel`."""
     return {TASK: {"impl": "pipeline_mpsm.MPSMRetrievalPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
-
-
-def _member(cache):
-    """The output itself, or the first member's output of an ensemble's dict of them (`{"dis": ..., "dir": ...}`):
-    the member that explains. The package's `scoring.cache_members` does this kind of check; this file imports only
-    torch, transformers and the other Hub files, so it keeps its own."""
-    return cache if isinstance(cache, ModelOutput) else next(iter(cache.values()))
-
-
-def _select(cache, index):
-    """Items `index` (a slice or a tensor of positions) of a per-item output, or of an ensemble's dict of them."""
-    if not isinstance(cache, ModelOutput):
-        return {name: _select(output, index) for name, output in cache.items()}
-    return type(cache)(**{name: value[index] for name, value in cache.items()})
-
-
-def _concatenate(caches):
-    """The per-item outputs of consecutive batches as one output (an ensemble's dicts member by member)."""
-    first = caches[0]
-    if not isinstance(first, ModelOutput):
-        return {name: _concatenate([cache[name] for cache in caches]) for name in first}
-    return type(first)(**{name: torch.cat([cache[name] for cache in caches]) for name in first.keys()})
 
 
 def _check_positive_int(name, value):
@@ -164,7 +141,7 @@ class MPSMRetrievalPipeline(Pipeline):
             encode(**{name: value[start : start + batch_size] for name, value in inputs.items()})
             for start in range(0, size, batch_size)
         ]
-        return _concatenate(batches)
+        return type(batches[0]).concatenate(batches)
 
     @staticmethod
     def _ids(ids, size, name):
@@ -227,23 +204,20 @@ class MPSMRetrievalPipeline(Pipeline):
         text_query = "input_ids" in model_inputs
         kind = "images" if text_query else "captions"
         gallery = self._gallery(kind)
-        cache, size = gallery["cache"], len(gallery["ids"])
+        cache = gallery["cache"]
         query = self.model.encode_text(**model_inputs) if text_query else self.model.encode_image(**model_inputs)
-        blocks = [slice(start, start + block_size) for start in range(0, size, block_size)]
-        if text_query:  # [block, 1] per block
-            scores = torch.cat([self.model.similarity(_select(cache, block), query)[:, 0] for block in blocks])
-        else:  # [1, block] per block
-            scores = torch.cat([self.model.similarity(query, _select(cache, block))[0] for block in blocks])
-        best = scores.float().topk(self._top_k(top_k, kind))
+        scores = query.scores_against(cache, self.model, max_pairs_per_block=block_size)
+        best = scores.topk(self._top_k(top_k, kind))
         outputs = {"gallery": kind, "scores": best.values, "indices": best.indices}
         if return_attention:
-            explainer = next(iter(self.model.members().values()))  # an ensemble explains with its first member
-            found = _member(_select(cache, best.indices))
+            # an ensemble explains with its first member
+            name, explainer = next(iter(self.model.members().items()))
+            found, query = cache.select(best.indices).members()[name], query.members()[name]
             if text_query:
-                images, texts = found, _member(query)
+                images, texts = found, query
                 input_ids = model_inputs["input_ids"].expand(len(best.indices), -1)
             else:
-                images, texts = _member(query), found
+                images, texts = query, found
                 input_ids = gallery["input_ids"][best.indices.cpu()]
             attention = explainer.text_region_attention(images, texts)  # [I, T, L, n]: [k, 1] or [1, k]
             outputs["attention"] = attention[:, 0] if text_query else attention[0]  # [k, L, n]

@@ -2,7 +2,7 @@
 
 The first stage ranks the gallery by v̄·t̄ (the global features, trained with `config.global_loss_weight > 0` to be
 good at this): exactly by default (`faiss.knn` when faiss is installed, a torch matmul otherwise), or approximately
-for galleries past exact search, with a faiss IVF-Flat or HNSW index (`MPSMIndex(..., first_stage="ivf")`); the full
+for galleries past exact search, with a faiss IVF-Flat index (`MPSMIndex(..., first_stage="ivf")`); the full
 per-pair model re-scores the `rerank_k` best and returns the top `k`. `MPSMIndex` holds a gallery's cached per-item
 outputs and saves them with safetensors (plus a small json of metadata and, for an approximate first stage, the faiss
 index); `MPSMRetriever` ties a model, its processor and the two galleries.
@@ -16,28 +16,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling_mpsm import MPSMImageOutput, MPSMTextOutput
-from .scoring import (
-    _first_member, cache_members, concatenate_outputs, encode_images, encode_texts, num_items, select_items,
-)
+from .modeling_mpsm import MPSMEnsembleItemOutput, MPSMImageOutput, MPSMTextOutput
+from .scoring import encode_images, encode_texts
 
 try:
     import faiss
-except ImportError:  # the exact first stage falls back to a torch matmul; ivf / hnsw need faiss
+except ImportError:  # the exact first stage falls back to a torch matmul; ivf needs faiss
     faiss = None
 
 
 TENSORS_NAME = "index.safetensors"
 METADATA_NAME = "index.json"
 FAISS_NAME = "first_stage.faiss"
-FIRST_STAGES = ("flat", "ivf", "hnsw")
+FIRST_STAGES = ("flat", "ivf")
 IVF_TRAIN_POINTS_PER_LIST = 64  # k-means sample: min(N, 64 * nlist) items (faiss warns below 39 per centroid)
-# benchmarks/first_stage.py, 1M x 1024, nlist 4000: nprobe 2 is the cheapest with recall@100 >= 95 % (95.7 %) at
-# >= 10x less latency than exact; 16 keeps a margin for real embeddings (100 %, 31x; ~1 ms per query, small next to
-# re-ranking 100 candidates).
+# 8x the cheapest nprobe that kept recall@100 >= 95 % on synthetic embeddings (benchmarks/first_stage.py,
+# docs/benchmarks.md): a margin for real embeddings, still far cheaper than re-ranking the candidates
 DEFAULT_NPROBE = 16
-DEFAULT_HNSW_M = 32
-DEFAULT_EF_SEARCH = 128
 
 
 def global_embeddings(cache):
@@ -45,9 +40,17 @@ def global_embeddings(cache):
     First-stage embeddings [N, d] of a cache: v̄ (or t̄); for an ensemble the members' embeddings concatenated and
     scaled by 1/sqrt(members), so that inner products are the mean of the members' v̄·t̄.
     """
-    outputs = cache_members(cache).values()
+    outputs = cache.members().values()
     embeds = [o.image_embeds if isinstance(o, MPSMImageOutput) else o.text_embeds for o in outputs]
     return torch.cat(embeds, -1).float() / len(embeds) ** 0.5
+
+
+def _metadata(metadata, start, count):
+    """`count` items' metadata as a list: `metadata`, or their positions from `start` when None."""
+    metadata = list(range(start, start + count)) if metadata is None else list(metadata)
+    if len(metadata) != count:
+        raise ValueError(f"got {len(metadata)} metadata entries for {count} items")
+    return metadata
 
 
 class MPSMIndex:
@@ -63,52 +66,40 @@ class MPSMIndex:
       (about nprobe / nlist of the gallery), so recall drops below exact search as `nprobe` shrinks, and
       `nprobe == nlist` gives the flat results. A query whose lists hold fewer than k items is searched again with
       twice the lists until they do. `nlist` defaults to 4 * sqrt(N) (at most N / 39, at least 1).
-    - `first_stage="hnsw"`: faiss `IndexHNSWFlat` with inner product, `hnsw_m` links per node; a query explores
-      max(`ef_search`, k) candidates. On 1M x 1024 synthetic items it took 1.5x IVF's build time and reached
-      lower recall than IVF at equal latency (docs/benchmarks.md); IVF is the one to use at that scale.
 
     The approximate index is built (trained and filled) by `build()`, or at the first `search`; `add` then adds the
     new items to it without re-training (the centroids stay those of the first items: call `rebuild()` after the
-    gallery has grown or changed a lot). `nprobe` and `ef_search` are read at every search and may be changed on a
-    built index. `save` writes the built faiss index (`first_stage.faiss`, `faiss.write_index`) next to the cache, so
+    gallery has grown or changed a lot). `nprobe` is read at every search and may be changed on a built index. `save` writes the built faiss index (`first_stage.faiss`, `faiss.write_index`) next to the cache, so
     that `load` does not re-train; its options go into `index.json`.
 
     Args:
-        cache: [`MPSMImageOutput`] or [`MPSMTextOutput`] over N items (or an ensemble's dict of them).
+        cache: [`MPSMImageOutput`] or [`MPSMTextOutput`] over N items (or an ensemble's `MPSMEnsembleItemOutput`).
         metadata (`list`, *optional*): N json-serialisable entries; defaults to the item positions.
-        first_stage (`str`): "flat", "ivf" or "hnsw" (the last two need faiss).
+        first_stage (`str`): "flat" or "ivf" (needs faiss).
         nlist (`int`, *optional*): IVF lists (k-means centroids); needs at least `nlist` items when built.
         nprobe (`int`, *optional*): IVF lists scanned per query (capped at `nlist`); default `DEFAULT_NPROBE`.
-        hnsw_m (`int`): HNSW links per node (graph degree; memory and build time grow with it).
-        ef_search (`int`, *optional*): HNSW candidate list size per query; default `DEFAULT_EF_SEARCH`.
         seed (`int`): the IVF training sample and k-means initialisation.
     """
 
-    def __init__(self, cache, metadata=None, first_stage="flat", nlist=None, nprobe=None, hnsw_m=DEFAULT_HNSW_M,
-                 ef_search=None, seed=0):
+    def __init__(self, cache, metadata=None, first_stage="flat", nlist=None, nprobe=None, seed=0):
         if first_stage not in FIRST_STAGES:
             raise ValueError(f"`first_stage` must be one of {', '.join(map(repr, FIRST_STAGES))}, got {first_stage!r}")
         if first_stage != "flat" and faiss is None:
             raise ImportError(f"first_stage={first_stage!r} needs faiss (pip install faiss-cpu); without it only the "
                               f"exact first_stage='flat' is available")
-        for name, value, stage in (("nlist", nlist, "ivf"), ("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw"),
-                                   ("hnsw_m", None if hnsw_m == DEFAULT_HNSW_M else hnsw_m, "hnsw")):
+        for name, value in (("nlist", nlist), ("nprobe", nprobe)):
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-            if first_stage != stage:
-                raise ValueError(f"`{name}` applies to first_stage={stage!r}, not first_stage={first_stage!r}")
+            if first_stage != "ivf":
+                raise ValueError(f"`{name}` applies to first_stage='ivf', not first_stage={first_stage!r}")
         self.cache = cache
-        self.metadata = list(range(num_items(cache))) if metadata is None else list(metadata)
-        if len(self.metadata) != num_items(cache):
-            raise ValueError(f"got {len(self.metadata)} metadata entries for {num_items(cache)} items")
+        self.metadata = _metadata(metadata, 0, cache.num_items)
         self.embeddings = global_embeddings(cache)
         self.first_stage = first_stage
         self.nlist = nlist
         self.nprobe = DEFAULT_NPROBE if nprobe is None and first_stage == "ivf" else nprobe
-        self.hnsw_m = hnsw_m
-        self.ef_search = DEFAULT_EF_SEARCH if ef_search is None and first_stage == "hnsw" else ef_search
         self.seed = seed
         self._faiss = None
 
@@ -118,22 +109,20 @@ class MPSMIndex:
     @property
     def kind(self):
         """The kind of items held: "image" or "text"."""
-        return "image" if isinstance(_first_member(self.cache), MPSMImageOutput) else "text"
+        return "image" if isinstance(next(iter(self.cache.members().values())), MPSMImageOutput) else "text"
 
     @property
     def options(self):
         """The first stage's settings (what `index.json` stores): {"first_stage", ...}."""
         if self.first_stage == "ivf":
             return {"first_stage": "ivf", "nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
-        if self.first_stage == "hnsw":
-            return {"first_stage": "hnsw", "hnsw_m": self.hnsw_m, "ef_search": self.ef_search}
         return {"first_stage": "flat"}
 
     def describe(self):
         """One line: e.g. "ivf (nlist 4000, nprobe 16)" or "flat (exact)"."""
-        options = {name: value for name, value in self.options.items() if name not in ("first_stage", "seed")}
-        settings = ", ".join(f"{name} {'auto' if value is None else value}" for name, value in options.items())
-        return f"{self.first_stage} ({settings or 'exact'})"
+        if self.first_stage == "flat":
+            return "flat (exact)"
+        return f"ivf (nlist {self.nlist or 'auto'}, nprobe {self.nprobe})"
 
     @property
     def is_built(self):
@@ -149,23 +138,20 @@ class MPSMIndex:
             return self
         count, dim = self.embeddings.shape
         embeddings = self._numpy(self.embeddings)
-        if self.first_stage == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        else:
-            nlist = self.nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
-            if count < nlist:
-                raise ValueError(f"first_stage='ivf' trains nlist={nlist} centroids (k-means) on the gallery, which "
-                                 f"needs at least nlist={nlist} items; the gallery holds {count}: lower `nlist` "
-                                 f"(or leave it unset: 4 * sqrt(N)) or add items before the first search")
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = self.seed
-            index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST  # the sample below, not faiss's own
-            sample = embeddings
-            if count > IVF_TRAIN_POINTS_PER_LIST * nlist:
-                rows = np.random.default_rng(self.seed).choice(count, IVF_TRAIN_POINTS_PER_LIST * nlist, replace=False)
-                sample = embeddings[np.sort(rows)]
-            index.train(sample)
-            self.nlist = nlist
+        nlist = self.nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+        if count < nlist:
+            raise ValueError(f"first_stage='ivf' trains nlist={nlist} centroids (k-means) on the gallery, which "
+                             f"needs at least nlist={nlist} items; the gallery holds {count}: lower `nlist` "
+                             f"(or leave it unset: 4 * sqrt(N)) or add items before the first search")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = self.seed
+        index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST  # the sample below, not faiss's own
+        sample = embeddings
+        if count > IVF_TRAIN_POINTS_PER_LIST * nlist:
+            rows = np.random.default_rng(self.seed).choice(count, IVF_TRAIN_POINTS_PER_LIST * nlist, replace=False)
+            sample = embeddings[np.sort(rows)]
+        index.train(sample)
+        self.nlist = nlist
         index.add(embeddings)
         self._faiss = index
         return self
@@ -184,11 +170,8 @@ class MPSMIndex:
         approximate first stage gets the new embeddings without re-training.
         """
         start = len(self)
-        metadata = list(range(start, start + num_items(cache))) if metadata is None else list(metadata)
-        if len(metadata) != num_items(cache):
-            raise ValueError(f"got {len(metadata)} metadata entries for {num_items(cache)} items")
-        self.cache = concatenate_outputs([self.cache, cache])
-        self.metadata += metadata
+        self.metadata += _metadata(metadata, start, cache.num_items)
+        self.cache = type(self.cache).concatenate([self.cache, cache])
         self.embeddings = global_embeddings(self.cache)
         if self._faiss is not None:
             self._faiss.add(self._numpy(self.embeddings[start:]))
@@ -214,19 +197,14 @@ class MPSMIndex:
             scores, indices = self._exact(queries, k)
             return scores, indices
         self.build()
-        if self.first_stage == "ivf":
-            nprobe = self._faiss.nprobe = max(1, min(self.nprobe, self.nlist))
-        else:
-            self._faiss.hnsw.efSearch = self.ef_search
+        nprobe = self._faiss.nprobe = max(1, min(self.nprobe, self.nlist))
         scores, indices = self._faiss.search(queries.numpy(), k)
         scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).long()
-        short = (indices < 0).any(1)  # IVF: the probed lists held fewer than k items
-        while self.first_stage == "ivf" and short.any() and nprobe < self.nlist:
+        short = (indices < 0).any(1)  # the probed lists held fewer than k items
+        while short.any() and nprobe < self.nlist:  # every list probed: every query finds its k items
             nprobe = self._faiss.nprobe = min(2 * nprobe, self.nlist)  # those queries again, with twice the lists
             scores[short], indices[short] = map(torch.from_numpy, self._faiss.search(queries[short].numpy(), k))
             short = (indices < 0).any(1)
-        if short.any():  # HNSW (a graph cut off from some items, in principle): exact search for those queries
-            scores[short], indices[short] = self._exact(queries[short].contiguous(), k)
         return scores, indices
 
     def save(self, directory):
@@ -236,29 +214,26 @@ class MPSMIndex:
         copy of the global embeddings, a few % of the cache's size at paper size).
         """
         os.makedirs(directory, exist_ok=True)
-        members = cache_members(self.cache)
+        members = None if isinstance(self.cache, (MPSMImageOutput, MPSMTextOutput)) else list(self.cache)
         tensors = {}
-        for member, output in members.items():
+        for member, output in self.cache.members().items():
             for name, value in output.items():
-                tensors[name if member is None else f"{member}.{name}"] = value.detach().cpu().contiguous()
+                tensors[name if members is None else f"{member}.{name}"] = value.detach().cpu().contiguous()
         save_file(tensors, os.path.join(directory, TENSORS_NAME))
         faiss_path = os.path.join(directory, FAISS_NAME)
         if self.first_stage != "flat" and self._faiss is not None:
             faiss.write_index(self._faiss, faiss_path)
         elif os.path.exists(faiss_path):
             os.remove(faiss_path)  # a stale index of an earlier save
-        info = {"kind": self.kind, "members": None if None in members else list(members), "metadata": self.metadata,
+        info = {"kind": self.kind, "members": members, "metadata": self.metadata,
                 **self.options, "faiss_index": FAISS_NAME if self.first_stage != "flat" and self._faiss is not None
                 else None}
         with open(os.path.join(directory, METADATA_NAME), "w") as f:
             json.dump(info, f)
 
     @classmethod
-    def load(cls, directory, device="cpu", nprobe=None, ef_search=None):
-        """
-        Reads an index written by `save` (older ones, without first-stage options, are "flat"). `nprobe` /
-        `ef_search` override the saved search settings of an "ivf" / "hnsw" index.
-        """
+    def load(cls, directory, device="cpu", nprobe=None):
+        """Reads an index written by `save`; `nprobe` overrides the saved search setting of an "ivf" index."""
         with open(os.path.join(directory, METADATA_NAME)) as f:
             info = json.load(f)
         tensors = load_file(os.path.join(directory, TENSORS_NAME), device=str(device))
@@ -266,22 +241,19 @@ class MPSMIndex:
         if info["members"] is None:
             cache = output_class(**tensors)
         else:
-            cache = {
+            cache = MPSMEnsembleItemOutput({
                 member: output_class(**{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(member + ".")})
                 for member in info["members"]
-            }
-        first_stage = info.get("first_stage", "flat")
-        options = {"first_stage": first_stage}
+            })
+        first_stage = info["first_stage"]
+        if nprobe is not None and first_stage != "ivf":
+            raise ValueError(f"`nprobe` applies to first_stage='ivf'; the index in {directory} has "
+                             f"first_stage={first_stage!r}")
+        options = {}
         if first_stage == "ivf":
-            options.update(nlist=info["nlist"], nprobe=nprobe or info["nprobe"], seed=info["seed"])
-        elif first_stage == "hnsw":
-            options.update(hnsw_m=info["hnsw_m"], ef_search=ef_search or info["ef_search"])
-        for name, value, stage in (("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw")):
-            if value is not None and first_stage != stage:
-                raise ValueError(f"`{name}` applies to first_stage={stage!r}; the index in {directory} has "
-                                 f"first_stage={first_stage!r}")
-        index = cls(cache, info["metadata"], **options)
-        if info.get("faiss_index"):
+            options = dict(nlist=info["nlist"], nprobe=nprobe or info["nprobe"], seed=info["seed"])
+        index = cls(cache, info["metadata"], first_stage, **options)
+        if info["faiss_index"]:
             index._faiss = faiss.read_index(os.path.join(directory, info["faiss_index"]))
             if index._faiss.ntotal != len(index):
                 raise ValueError(f"{os.path.join(directory, info['faiss_index'])} holds {index._faiss.ntotal} items "
@@ -290,7 +262,7 @@ class MPSMIndex:
 
 
 @torch.no_grad()
-def rerank(model, queries, gallery, k, rerank_k, dtype=None):
+def rerank(model, queries, gallery, k, rerank_k):
     """
     Two-stage search of every query in `gallery`.
 
@@ -300,27 +272,18 @@ def rerank(model, queries, gallery, k, rerank_k, dtype=None):
         gallery ([`MPSMIndex`]): the items searched.
         k (`int`): results per query. rerank_k (`int`): first-stage candidates re-scored by the full model (>= k;
             `rerank_k = len(gallery)` is exhaustive search).
-        dtype (`torch.dtype`, *optional*): autocast dtype of the re-scoring.
     Returns:
         (scores [Q, k] float32, indices [Q, k] long) by the full model, best first. Q * rerank_k pairs are scored.
     """
     rerank_k = min(max(rerank_k, k), len(gallery))
     query_embeddings = global_embeddings(queries)
     _, candidates = gallery.search(query_embeddings, rerank_k)
-    device = query_embeddings.device
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     all_scores, all_indices = [], []
-    with autocast:
-        for q in range(num_items(queries)):
-            query = select_items(queries, slice(q, q + 1))
-            items = select_items(gallery.cache, candidates[q].to(device))
-            if gallery.kind == "image":
-                scores = model.similarity(items, query)[:, 0]
-            else:
-                scores = model.similarity(query, items)[0]
-            best = scores.float().topk(min(k, rerank_k))
-            all_scores.append(best.values)
-            all_indices.append(candidates[q][best.indices.cpu()])
+    for q in range(queries.num_items):
+        items = gallery.cache.select(candidates[q].to(gallery.cache.device))
+        best = queries.select(slice(q, q + 1)).scores_against(items, model).topk(min(k, rerank_k))
+        all_scores.append(best.values)
+        all_indices.append(candidates[q][best.indices.cpu()])
     return torch.stack(all_scores).cpu(), torch.stack(all_indices)
 
 
@@ -358,48 +321,38 @@ class MPSMRetriever:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _image_inputs(self, region_features, boxes=None, image_sizes=None, region_mask=None):
-        if self.processor is not None:
-            inputs = self.processor(region_features=region_features, boxes=boxes, image_sizes=image_sizes,
-                                    region_mask=region_mask)
-        else:
-            inputs = {"region_features": region_features, "boxes": boxes, "image_sizes": image_sizes,
-                      "region_mask": region_mask}
-        return {name: value.to(self.device) for name, value in inputs.items() if value is not None}
-
-    def _text_inputs(self, text):
-        inputs = self.processor(text=text) if self.processor is not None else text
-        return {name: value.to(self.device) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
-
-    def _batches(self, inputs, size):
+    def _batches(self, inputs):
+        """Batches of `batch_size` items of model inputs, on the model's device (None and non-tensors dropped)."""
+        inputs = {name: value.to(self.device) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        size = len(next(iter(inputs.values())))
         for start in range(0, size, self.batch_size):
             yield {name: value[start : start + self.batch_size] for name, value in inputs.items()}
 
     def encode_images(self, region_features, boxes=None, image_sizes=None, region_mask=None, progress=False):
         """Per-image cache of images given as raw arrays (with a processor) or model-input tensors."""
-        inputs = self._image_inputs(region_features, boxes, image_sizes, region_mask)
-        return encode_images(self.model, self._batches(inputs, len(inputs["region_features"])), progress=progress)
+        inputs = dict(region_features=region_features, boxes=boxes, image_sizes=image_sizes, region_mask=region_mask)
+        inputs = self.processor(**inputs) if self.processor is not None else inputs
+        return encode_images(self.model, self._batches(inputs), progress=progress)
 
     def encode_texts(self, text, progress=False):
         """Per-caption cache of captions given as strings (with a processor) or model-input tensors."""
-        inputs = self._text_inputs([text] if isinstance(text, str) else text)
-        return encode_texts(self.model, self._batches(inputs, len(inputs["input_ids"])), progress=progress)
+        text = [text] if isinstance(text, str) else text
+        inputs = self.processor(text=text) if self.processor is not None else text
+        return encode_texts(self.model, self._batches(inputs), progress=progress)
+
+    def _add(self, name, cache, metadata):
+        if getattr(self, name) is None:
+            setattr(self, name, MPSMIndex(cache, metadata, **self.index_options))
+        else:
+            getattr(self, name).add(cache, metadata)
 
     def add_images(self, region_features, boxes=None, image_sizes=None, region_mask=None, metadata=None):
         """Adds images ([B, n, f] region features, [B, n, 4] boxes, ...) to the image gallery."""
-        cache = self.encode_images(region_features, boxes, image_sizes, region_mask)
-        if self.images is None:
-            self.images = MPSMIndex(cache, metadata, **self.index_options)
-        else:
-            self.images.add(cache, metadata)
+        self._add("images", self.encode_images(region_features, boxes, image_sizes, region_mask), metadata)
 
     def add_texts(self, text, metadata=None):
         """Adds captions (strings, or model-input tensors without a processor) to the caption gallery."""
-        cache = self.encode_texts(text)
-        if self.texts is None:
-            self.texts = MPSMIndex(cache, metadata, **self.index_options)
-        else:
-            self.texts.add(cache, metadata)
+        self._add("texts", self.encode_texts(text), metadata)
 
     @staticmethod
     def _results(gallery, scores, indices):

@@ -13,7 +13,7 @@ import torch
 
 from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel, MPSMProcessor
 from modeling_mpsm.retrieval import MPSMIndex, MPSMRetriever, rerank
-from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix, select_items
+from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
 from modeling_mpsm.visualization import figure_size, plot_word_region_attention
 
 
@@ -162,8 +162,8 @@ def test_ivf_with_every_list_probed_equals_flat(model):
     pytest.importorskip("faiss")
     images, texts = gallery_and_queries(model)
     queries = retrieval.global_embeddings(texts)
-    flat = MPSMIndex(select_items(images, slice(0, 40)))
-    ivf = MPSMIndex(select_items(images, slice(0, 40)), first_stage="ivf", nlist=4, nprobe=4)
+    flat = MPSMIndex(images.select(slice(0, 40)))
+    ivf = MPSMIndex(images.select(slice(0, 40)), first_stage="ivf", nlist=4, nprobe=4)
     assert not ivf.is_built and ivf.build().is_built and ivf.nlist == 4
     for k in (1, 10, 40):
         expected, got = flat.search(queries, k), ivf.search(queries, k)
@@ -174,7 +174,7 @@ def test_ivf_with_every_list_probed_equals_flat(model):
 
     # `add` keeps the trained centroids and fills the built index with the new items
     for index in (flat, ivf):
-        index.add(select_items(images, slice(40, 60)), metadata=list(range(100, 120)))
+        index.add(images.select(slice(40, 60)), metadata=list(range(100, 120)))
     assert ivf._faiss.ntotal == len(ivf) == 60 and ivf.metadata[-1] == 119
     expected, got = flat.search(queries, 60), ivf.search(queries, 60)
     assert torch.equal(got[1], expected[1])
@@ -188,9 +188,6 @@ def test_ivf_with_every_list_probed_equals_flat(model):
     ivf.nprobe = 1
     scores, indices = ivf.search(queries, 60)
     assert indices.shape == (13, 60) and bool((indices >= 0).all())
-    hnsw = MPSMIndex(images, first_stage="hnsw", ef_search=64)
-    scores, indices = hnsw.search(queries, 10)
-    assert indices.shape == (13, 10) and bool((indices >= 0).all()) and bool((scores[:, :-1] >= scores[:, 1:]).all())
 
 
 def test_first_stage_options_survive_save_and_load(tmp_path):
@@ -199,8 +196,7 @@ def test_first_stage_options_survive_save_and_load(tmp_path):
     model = MPSMModel(MPSMConfig(**TINY)).eval()
     images, texts = gallery_and_queries(model)
     queries = texts.text_embeds
-    for name, options in (("ivf", dict(first_stage="ivf", nlist=5, nprobe=2)),
-                          ("hnsw", dict(first_stage="hnsw", hnsw_m=8, ef_search=20))):
+    for name, options in (("ivf", dict(first_stage="ivf", nlist=5, nprobe=2)),):
         index = MPSMIndex(images, **options).build()
         index.save(tmp_path / name)
         info = json.loads((tmp_path / name / "index.json").read_text())
@@ -211,7 +207,6 @@ def test_first_stage_options_survive_save_and_load(tmp_path):
         for got, expected in zip(loaded.search(queries, 10), index.search(queries, 10)):
             assert torch.equal(got, expected)
     assert MPSMIndex.load(tmp_path / "ivf", nprobe=5).nprobe == 5  # search settings may change on load
-    assert MPSMIndex.load(tmp_path / "hnsw", ef_search=40).options["ef_search"] == 40
 
     # not built yet: options only, built at the first search after loading; a stale faiss file is removed
     MPSMIndex(images, first_stage="ivf", nlist=3).save(tmp_path / "ivf")
@@ -221,13 +216,9 @@ def test_first_stage_options_survive_save_and_load(tmp_path):
     loaded.search(queries, 3)
     assert loaded.is_built
 
-    # an index saved before first stages were options loads as flat
     MPSMIndex(images).save(tmp_path / "flat")
     info = json.loads((tmp_path / "flat" / "index.json").read_text())
     assert info["first_stage"] == "flat" and info["faiss_index"] is None
-    for key in ("first_stage", "faiss_index"):
-        del info[key]
-    (tmp_path / "flat" / "index.json").write_text(json.dumps(info))
     assert MPSMIndex.load(tmp_path / "flat").first_stage == "flat"
 
 
@@ -237,12 +228,10 @@ def test_first_stage_errors(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = MPSMModel(MPSMConfig(**TINY)).eval()
     images, texts = gallery_and_queries(model, num_images=30)
-    with pytest.raises(ValueError, match=r"first_stage.*'flat', 'ivf', 'hnsw'.*'pq'"):
+    with pytest.raises(ValueError, match=r"first_stage.*'flat', 'ivf'.*'pq'"):
         MPSMIndex(images, first_stage="pq")
     with pytest.raises(ValueError, match="`nprobe` applies to first_stage='ivf', not first_stage='flat'"):
         MPSMIndex(images, nprobe=4)
-    with pytest.raises(ValueError, match="`ef_search` applies to first_stage='hnsw', not first_stage='ivf'"):
-        MPSMIndex(images, first_stage="ivf", ef_search=4)
     with pytest.raises(ValueError, match="`nlist` must be a positive integer, got 0"):
         MPSMIndex(images, first_stage="ivf", nlist=0)
     if retrieval.faiss is not None:
@@ -251,22 +240,18 @@ def test_first_stage_errors(tmp_path, monkeypatch):
             small.search(texts.text_embeds, 5)
         index = MPSMIndex(images, first_stage="ivf", nlist=2).build()
         index.save(tmp_path / "ivf")
-        MPSMIndex(select_items(images, slice(0, 20)), first_stage="ivf", nlist=2).build().save(tmp_path / "other")
+        MPSMIndex(images.select(slice(0, 20)), first_stage="ivf", nlist=2).build().save(tmp_path / "other")
         os.replace(tmp_path / "other" / "first_stage.faiss", tmp_path / "ivf" / "first_stage.faiss")
         with pytest.raises(ValueError, match="holds 20 items but the gallery 30"):
             MPSMIndex.load(tmp_path / "ivf")
-        message = "`ef_search` applies to first_stage='hnsw'; the index in .* has first_stage='ivf'"
-        with pytest.raises(ValueError, match=message):
-            MPSMIndex.load(tmp_path / "ivf", ef_search=8)
 
     # without faiss: the exact first stage falls back to torch, an approximate one is refused
     expected = MPSMIndex(images).search(texts.text_embeds, 7)
     monkeypatch.setattr(retrieval, "faiss", None)
     got = MPSMIndex(images).search(texts.text_embeds, 7)
     assert torch.equal(got[1], expected[1])
-    for stage in ("ivf", "hnsw"):
-        with pytest.raises(ImportError, match=f"first_stage='{stage}' needs faiss \\(pip install faiss-cpu\\)"):
-            MPSMIndex(images, first_stage=stage)
+    with pytest.raises(ImportError, match="first_stage='ivf' needs faiss \\(pip install faiss-cpu\\)"):
+        MPSMIndex(images, first_stage="ivf")
 
 
 def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch):
@@ -308,12 +293,11 @@ def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch
     empty = tmp_path / "empty.txt"
     empty.write_text("a dog\n.\n")
     for extra, message in (
-        (["--index", tmp_path / "ivf", "--first_stage", "hnsw"], "error: the index in .* has first_stage 'ivf', not "
-                                                                 "'hnsw': pass --first_stage ivf or another --index"),
+        (["--index", tmp_path / "ivf", "--first_stage", "flat"], "error: the index in .* has first_stage 'ivf', not "
+                                                                 "'flat': pass --first_stage ivf or another --index"),
         (["--first_stage", "ivf", "--nlist", 50], "error: first_stage='ivf' trains nlist=50 centroids .* the gallery "
                                                   "holds 8"),
         (["--first_stage", "flat", "--nprobe", 4], "error: --nprobe applies to --first_stage ivf, not flat"),
-        (["--first_stage", "hnsw", "--ef_search", 0], "error: --ef_search must be a positive integer, got 0"),
         (["--queries_file", empty], "error: line 2 of --queries_file .* holds no word: '.'"),
         (["--queries_file", queries_file, "--explain", tmp_path / "x.png"], "error: --explain needs --query"),
     ):
@@ -321,8 +305,8 @@ def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch
         status, _, stderr = run(*arguments)
         assert status == 2 and re.search(message, stderr) and "Traceback" not in stderr, (extra, stderr[-2000:])
     monkeypatch.setattr(retrieval, "faiss", None)
-    status, _, stderr = run("--query", captions[0], "--first_stage", "hnsw", "--index", tmp_path / "new")
-    assert status == 2 and "error: --first_stage hnsw needs faiss (pip install faiss-cpu)" in stderr
+    status, _, stderr = run("--query", captions[0], "--first_stage", "ivf", "--index", tmp_path / "new")
+    assert status == 2 and "error: --first_stage ivf needs faiss (pip install faiss-cpu)" in stderr
     assert not (tmp_path / "new").exists()  # refused before the gallery is encoded
 
 

@@ -11,11 +11,9 @@ from modeling_mpsm.scoring import (
     block_shape,
     encode_images,
     encode_texts,
-    num_items,
     pair_bytes,
     refine_top_k,
     score_matrix,
-    select_items,
 )
 
 
@@ -56,8 +54,8 @@ def pairwise_scores(model, images, texts):
     """Reference: every pair scored on its own."""
     with torch.no_grad():
         return torch.tensor([
-            [model.similarity(select_items(images, [i]), select_items(texts, [j])).item() for j in range(num_items(texts))]
-            for i in range(num_items(images))
+            [model.similarity(images.select([i]), texts.select([j])).item() for j in range(texts.num_items)]
+            for i in range(images.num_items)
         ])
 
 
@@ -210,8 +208,6 @@ def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch
     model = tiny_model(seed=3)
     images, texts = tiny_batches()
     image_cache, text_cache = encode_images(model, images, progress=False), encode_texts(model, texts, progress=False)
-    monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
-    monkeypatch.setattr(scoring, "_DTYPE_PROBES", {})
     current = {"dtype": torch.float32, "now": 0.0}
     real_similarity = MPSMModel.similarity
 
@@ -229,7 +225,7 @@ def test_auto_dtype_takes_the_faster_measured_dtype_once_per_process(monkeypatch
     reference = score_matrix(model, image_cache, text_cache, progress=False)
     automatic = score_matrix(model, image_cache, text_cache, dtype="auto", refine_k=20, progress=False)
     torch.testing.assert_close(automatic, reference, atol=0 if faster == torch.float32 else 1e-6, rtol=0)
-    assert len(scoring._DTYPE_PROBES) == 1  # measured once, reused by score_matrix
+    assert len(model.scoring_speed) == 1  # measured once, reused by score_matrix
     with pytest.raises(ValueError, match="dtype"):
         score_matrix(model, image_cache, text_cache, dtype="fastest", progress=False)
 
@@ -244,14 +240,13 @@ def test_auto_dtype_counts_the_float32_rescoring_of_the_top_k(monkeypatch):
     model = tiny_model(seed=3)
     images, texts = tiny_batches()
     image_cache, text_cache = encode_images(model, images, progress=False), encode_texts(model, texts, progress=False)
-    key = ("cpu", "MPSMModel", model.config.to_json_string(use_diff=False))
-    monkeypatch.setattr(scoring, "_DTYPE_PROBES", {key: ({torch.float32: 4e-6, torch.bfloat16: 1e-6}, 2e-3)})
-    monkeypatch.setattr(scoring, "_DTYPE_CHOICES", {})
+    model.scoring_speed = {"cpu": ({torch.float32: 4e-6, torch.bfloat16: 1e-6}, 2e-3)}
     for (num_images, num_texts), refine_k, processes, expected in [
         ((100, 500), 20, 1, torch.float32), ((100, 500), 0, 1, torch.bfloat16), ((2000, 10000), 20, 1, torch.bfloat16),
         ((2000, 10000), 20, 8, torch.float32),
     ]:
-        monkeypatch.setattr(scoring, "num_items", lambda cache, n=(num_images, num_texts): n[cache is text_cache])
+        monkeypatch.setattr(type(image_cache), "num_items", num_images)
+        monkeypatch.setattr(type(text_cache), "num_items", num_texts)
         assert scoring.choose_scoring_dtype(model, image_cache, text_cache, refine_k, processes) == expected
 
 
