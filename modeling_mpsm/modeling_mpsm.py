@@ -733,9 +733,8 @@ class MPSMSRGRStep(GradientCheckpointingLayer):
 
     Eq 16's "W_out ∈ R^{m×1} … ⊕" is read as GAT-style additive attention: o_a = BN(w_outᵀ s_a), i_b = BN(w_inᵀ s_b),
     E→_ab = σ(o_a + i_b) / Σ_b' σ(o_a + i_b'), E←_ab = σ(i_a + o_b) / Σ_b' σ(i_a + o_b').
-    The reconstructed nodes are L2-normalised (as every similarity node of eq 10-15 is): unbounded, eq 20 grew the
-    global node's norm 1.0 -> 2.4 over three rounds, the scores started spread and hardest negatives collapsed to
-    "all scores equal"; bounded, the read-out starts near one value.
+    The reconstructed nodes are L2-normalised (as every similarity node of eq 10-15 is): unbounded, eq 20 grows the
+    global node's norm round by round and hardest negatives collapse to "all scores equal" (docs/benchmarks.md).
 
     The blocks share only the batch statistics of eq 16's batch norms, so with gradient checkpointing each block's
     reconstruction (`forward`, eq 17-20) is recomputed on its own in the backward pass, and the edges are kept (the

@@ -29,11 +29,10 @@ from .scoring import encode_images
 
 
 TOP_K = 10  # candidates kept per item
-CHUNK_SIZE = 512  # rows of the similarity computed at once ([512, 30,000] float32: 61 MB)
+CHUNK_SIZE = 512  # rows of the similarity computed at once ([512, N] float32)
 # Words in more than this share of the images are held densely (a matrix product), the rarer ones as postings lists:
 # a word in d images costs d^2 products as postings, N^2 as a dense column, so the few frequent words ("a", "in",
-# "man") go dense and the long tail sparse. At 30,000 images x 5 synthetic captions (docs/training.md) 1/32 and 1/16
-# took 36-47 s, 1/8 58 s and 1/64 48 s; 1/32 peaked at the least memory (0.8 GB).
+# "man") go dense and the long tail sparse; 1/32 was the fastest share with the least memory (docs/benchmarks.md).
 DENSE_TERM_SHARE = 1 / 32
 _WORD_RE = re.compile(WORD_PATTERN)
 
@@ -182,7 +181,7 @@ def _words_by_image(captions: Sequence[str], captions_per_image: int) -> tuple[n
     vocabulary = {}
     images, terms = [], []
     for index, caption in enumerate(captions):
-        # `tokenize_caption` without its Unicode normalisation where there is nothing to normalise (10x faster)
+        # `tokenize_caption` without its Unicode normalisation where there is nothing to normalise
         words = _WORD_RE.findall(caption.lower()) if caption.isascii() else tokenize_caption(caption)
         terms += [vocabulary.setdefault(word, len(vocabulary)) for word in words]
         images += [index // captions_per_image] * len(words)
