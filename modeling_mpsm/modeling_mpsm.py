@@ -1322,15 +1322,13 @@ class MPSMModel(MPSMPreTrainedModel):
         real = real_node_index(region_mask)  # the per-region maps skip the padding (None: every region is real)
         hidden_states = (regions,)
         if self.visual_kgid is not None:
-            if self.spatial_kernels is None:  # ablation: no spatial prior, P_v = 1
-                prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
-            elif boxes is None:
-                if not self._warned_no_boxes:
+            if self.spatial_kernels is not None and boxes is not None:
+                prior = self.spatial_kernels(boxes)
+            else:  # P_v = 1: the ablation without a spatial prior, or no boxes (with a warning)
+                if self.spatial_kernels is not None and not self._warned_no_boxes:
                     warnings.warn("MPSM got no `boxes`: the visual spatial prior P_v falls back to all ones.")
                     self._warned_no_boxes = True
                 prior = torch.ones(regions.shape[:2] + regions.shape[1:2], dtype=regions.dtype, device=regions.device)
-            else:
-                prior = self.spatial_kernels(boxes)
             graph = semantic_knowledge_graph(regions, prior, region_mask, self.config.lambda_softmax)
             regions, states = self.visual_kgid(regions, graph, region_mask, real)
             hidden_states += states

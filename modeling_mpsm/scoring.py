@@ -31,11 +31,6 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "dependency_adjacency")  # the arg
 logger = logging.getLogger(__name__)
 
 
-def cache_members(cache):
-    """A cache's outputs by member, as its model's `members()` names them (`cache.members()`)."""
-    return cache.members()
-
-
 @torch.no_grad()
 def _encode(encode, batches, inputs, progress, description):
     outputs = [

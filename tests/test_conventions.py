@@ -20,7 +20,6 @@ from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPS
 from modeling_mpsm.configuration_mpsm import PERSPECTIVES
 from modeling_mpsm.modeling_mpsm import MPSMPairNodes, MPSMSRGRStep, chain_adjacency
 from modeling_mpsm.retrieval import MPSMRetriever
-from modeling_mpsm.scoring import cache_members
 from tiny import TINY, WORDS, tiny_models, tiny_processor
 
 
@@ -175,7 +174,7 @@ def test_float16_with_padding_is_finite_on_every_public_path(float16_models, way
         values = [model.similarity(image, text), *model(**batch, return_loss=True).values()]
         values += [*model.get_image_features(**image_inputs(batch)).values()]
         values += [*model.get_text_features(**text_inputs(batch)).values()]
-    for image, text in zip(cache_members(image).values(), cache_members(text).values()):  # an ensemble's members
+    for image, text in zip(image.members().values(), text.members().values()):  # an ensemble's members
         assert image.region_embeds.dtype == text.word_embeds.dtype == torch.float16
         assert (image.region_embeds[1, 3:] == 0).all() and (text.word_embeds[2, 2:] == 0).all()  # padding stays 0
         values += [image.region_embeds, image.image_embeds, text.word_embeds, text.text_embeds, text.word_weights]

@@ -1,7 +1,6 @@
 """Recall@K (hand-computed cases, ties, SCAN's reference), the `recall_at_k` evaluate module, COCO 1K folds and
 examples/evaluate_mpsm.py."""
 
-import importlib.util
 import json
 import os
 
@@ -18,7 +17,7 @@ from modeling_mpsm.evaluation import (
     retrieval_ranks,
     retrieval_recalls,
 )
-from tiny import tiny_scenes
+from tiny import load_script, tiny_scenes
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,10 +125,7 @@ def test_coco1k_folds_are_the_diagonal_blocks(tiny_model_dir):
 
 
 def run_evaluate_script(argv):
-    spec = importlib.util.spec_from_file_location("evaluate_mpsm", os.path.join(REPO, "examples", "evaluate_mpsm.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("examples/evaluate_mpsm.py").main(argv)
 
 
 def test_evaluate_script_coco1k_and_ensemble(tiny_model_dir, tmp_path):

@@ -8,7 +8,6 @@
 - Exhaustive scoring stays within its memory bound on a gallery whose pair tensors would take 5x the bound unchunked.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import modeling_mpsm.modeling_mpsm as modeling
 from modeling_mpsm.training import resolve_checkpoint
 
 from hooks import nan_losses_at
+from tiny import load_script
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,9 +105,7 @@ def test_sigkill_at_random_points_then_resume_is_exact(data_dir, tmp_path):
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(data_dir, tmp_path, caplog, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_mpsm", TRAIN_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/train_mpsm.py")
     nan_losses_at(monkeypatch, {5, 6, 7, 8})
     argv = train_command(data_dir, tmp_path)[2:] + ["--max_nonfinite_steps", "3"]
     with caplog.at_level(logging.ERROR), pytest.warns(UserWarning, match="Non-finite loss"):

@@ -6,7 +6,6 @@ No network: `datasets` runs offline (as with HF_HUB_OFFLINE=1) with its cache in
 served by wrapping `datasets.load_dataset` so that the id loads the local folder.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,18 +24,16 @@ from modeling_mpsm.data.hub import write_hub_folder
 from modeling_mpsm.processing_mpsm import get_dependency_parser, tokenize_caption
 from modeling_mpsm.data.vocabulary import build_tokenizer, build_vocabulary
 
+import tiny
 
-REPO = Path(__file__).resolve().parent.parent
+
 SPLITS = ("train", "dev", "test")
 REPO_ID = "mpsm-org/tiny-regions"
 TINY_SET = ["--set", "embed_size=16", "sim_dim=8", "word_dim=8", "kgid_layers=1", "srgr_steps=1"]
 
 
 def load_script(script):
-    spec = importlib.util.spec_from_file_location(script[:-3], REPO / "examples" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tiny.load_script(f"examples/{script}")
 
 
 def run_main(capsys, script, *args):

@@ -1,20 +1,15 @@
 """benchmarks/kgid_probe.py on a tiny model: every row runs on today's model (the 'every adjacency = I' row broke when
 `adaptive_adjacency` gained `real`), the first row is the model's own evaluation, and the rows change what they say."""
 
-import importlib.util
 import json
-import os
 
 import torch
 
 from modeling_mpsm import MPSMConfig, MPSMModel
 from modeling_mpsm.evaluation import evaluate_retrieval
-from tiny import tiny_scenes
+from tiny import load_script, tiny_scenes
 
-SPEC = importlib.util.spec_from_file_location(
-    "kgid_probe", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kgid_probe.py"))
-kgid_probe = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(kgid_probe)
+kgid_probe = load_script("benchmarks/kgid_probe.py")
 
 
 def test_every_probe_row_runs_and_the_first_is_the_plain_evaluation(tmp_path):

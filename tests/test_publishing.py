@@ -1,7 +1,6 @@
 """Publishing to the Hub, offline: paper-size Hub configs, checkpoint checks, the model card and its model-index, the
 upload calls (HfApi mocked) and the dry run of examples/publish_to_hub.py."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -21,10 +20,9 @@ from modeling_mpsm.publishing import (
     load_metrics,
     publish,
 )
-from tiny import TINY, WORDS, tiny_processor
+from tiny import TINY, WORDS, load_script, tiny_processor
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS = {
     "i2t_r1": 52.5, "i2t_r5": 81.0, "i2t_r10": 90.25, "t2i_r1": 41.0, "t2i_r5": 72.5, "t2i_r10": 83.0,
     "rsum": 420.25, "dataset": "synthetic-scenes", "split": "test", "protocol": "1K", "seconds": 12.0,
@@ -277,9 +275,7 @@ def test_publish_to_a_branch_creates_it_first(checkpoint):
 
 
 def test_publish_script_dry_run_prints_files_and_card_and_uploads_nothing(checkpoint, metrics_file, capsys):
-    spec = importlib.util.spec_from_file_location("publish_to_hub", REPO_ROOT / "examples" / "publish_to_hub.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/publish_to_hub.py")
     with mock.patch("modeling_mpsm.publishing.HfApi") as hf_api:
         script.main(["--checkpoint", str(checkpoint), "--repo_id", "mpsm-org/mpsm-dis-tiny", "--metrics",
                      str(metrics_file), "--dry_run"])

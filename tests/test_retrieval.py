@@ -16,6 +16,8 @@ from modeling_mpsm.retrieval import MPSMIndex, MPSMRetriever, rerank
 from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
 from modeling_mpsm.visualization import figure_size, plot_word_region_attention
 
+from tiny import load_script
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -255,7 +257,6 @@ def test_first_stage_errors(tmp_path, monkeypatch):
 
 
 def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch):
-    import importlib.util
 
     import modeling_mpsm.retrieval as retrieval
 
@@ -263,9 +264,7 @@ def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch
     data_dir, model_dir, captions, _, _ = cli_model_and_data(tmp_path)
     queries_file = tmp_path / "queries.txt"
     queries_file.write_text(f"{captions[10]}\n\n{captions[0]}\n{captions[20]}\n")
-    spec = importlib.util.spec_from_file_location("retrieve", os.path.join(REPO, "examples", "retrieve.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/retrieve.py")
     base = ["--model", str(model_dir), "--data_dir", str(data_dir), "--k", "3", "--rerank_k", "8"]
 
     def run(*extra):  # main() in this process (a subprocess costs seconds of start-up): (status, stdout, stderr)

@@ -1,7 +1,6 @@
 """Training: schedule, warm-up, sampler, checkpoints; examples/train_mpsm.py end to end (loss falls, best model loads in a
 fresh process, non-finite steps skipped, exact resumption after SIGKILL)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from modeling_mpsm.training import (
 )
 
 from hooks import nan_losses_at
+from tiny import load_script
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +39,7 @@ def subprocess_env():
 
 
 def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_mpsm", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/train_mpsm.py")
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,17 @@
 `HASH_FILE_PATTERN` holds `{rank}`, e.g. `/tmp/hash_{rank}.txt`.
 """
 
-import importlib.util
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hooks import state_hash  # noqa: E402
-
-
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_mpsm.py")
+from tiny import load_script  # noqa: E402
 
 
 def main():
     pattern, argv = sys.argv[1], sys.argv[2:]
-    spec = importlib.util.spec_from_file_location("train_mpsm", TRAIN_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("examples/train_mpsm.py")
     train_loop = script.train_loop
 
     def train_and_hash(accelerator, model, *args, **kwargs):
