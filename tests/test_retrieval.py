@@ -297,6 +297,7 @@ def test_retrieve_cli_first_stage_and_queries_file(tmp_path, capsys, monkeypatch
         (["--first_stage", "ivf", "--nlist", 50], "error: first_stage='ivf' trains nlist=50 centroids .* the gallery "
                                                   "holds 8"),
         (["--first_stage", "flat", "--nprobe", 4], "error: --nprobe applies to --first_stage ivf, not flat"),
+        (["--first_stage", "ivf", "--nprobe", 0], "error: --nprobe must be a positive integer, got 0"),
         (["--queries_file", empty], "error: line 2 of --queries_file .* holds no word: '.'"),
         (["--queries_file", queries_file, "--explain", tmp_path / "x.png"], "error: --explain needs --query"),
     ):
