@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_mpsm import MPSMConfig, MPSMEnsembleConfig
 from .modeling_mpsm import (
+    MPSMEnsembleItemOutput,
     MPSMEnsembleModel,
     MPSMImageOutput,
     MPSMModel,
@@ -36,6 +37,7 @@ __all__ = [
     "MPSMOutput",
     "MPSMImageOutput",
     "MPSMTextOutput",
+    "MPSMEnsembleItemOutput",
     "MPSMProcessor",
     "MPSMRetrievalPipeline",
 ]
