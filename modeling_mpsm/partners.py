@@ -14,7 +14,6 @@ it.
 """
 
 import math
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from .common import CAPTIONS_PER_IMAGE
 from .data import image_batches
-from .processing_mpsm import WORD_PATTERN, tokenize_caption
+from .processing_mpsm import tokenize_caption
 from .retrieval import global_embeddings
 from .scoring import encode_images
 
@@ -34,7 +33,6 @@ CHUNK_SIZE = 512  # rows of the similarity computed at once ([512, N] float32)
 # a word in d images costs d^2 products as postings, N^2 as a dense column, so the few frequent words ("a", "in",
 # "man") go dense and the long tail sparse; 1/32 was the fastest share with the least memory (docs/benchmarks.md).
 DENSE_TERM_SHARE = 1 / 32
-_WORD_RE = re.compile(WORD_PATTERN)
 
 
 def pair_mutually(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_items: int,
@@ -181,8 +179,7 @@ def _words_by_image(captions: Sequence[str], captions_per_image: int) -> tuple[n
     vocabulary = {}
     images, terms = [], []
     for index, caption in enumerate(captions):
-        # `tokenize_caption` without its Unicode normalisation where there is nothing to normalise
-        words = _WORD_RE.findall(caption.lower()) if caption.isascii() else tokenize_caption(caption)
+        words = tokenize_caption(caption)
         terms += [vocabulary.setdefault(word, len(vocabulary)) for word in words]
         images += [index // captions_per_image] * len(words)
     return np.array(images, dtype=np.int64), np.array(terms, dtype=np.int64), len(vocabulary)

@@ -26,6 +26,8 @@ _WORD_RE = re.compile(WORD_PATTERN)
 
 def normalize_caption(text: str) -> str:
     """NFKD-decompose, drop combining marks ("café" -> "cafe") and lowercase, as the tokenizer's normaliser does."""
+    if text.isascii():  # nothing to decompose: skip the pass over the characters
+        return text.lower()
     text = unicodedata.normalize("NFKD", text)
     return "".join(char for char in text if not unicodedata.category(char).startswith("M")).lower()
 
