@@ -229,10 +229,11 @@ class MPSMEnsembleConfig(PretrainedConfig):
             if name not in self.members and config is not None:
                 raise ValueError(f"`{field}` is given but {name!r} is not a member: `members` is {self.members}")
             setattr(self, field, self._member(config, perspective, field) if name in self.members else None)
-        sizes = {f"{name}.vocab_size": config.vocab_size for name, config in self.member_configs.items()}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"the members' vocabulary sizes {sizes} must match: every member reads the same "
-                             "processor's input_ids")
+        for field, reads in (("vocab_size", "input_ids"), ("img_dim", "region_features")):
+            sizes = {f"{name}.{field}": getattr(config, field) for name, config in self.member_configs.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"the members' {field} {sizes} must match: every member reads the same "
+                                 f"processor's {reads}")
         super().__init__(**kwargs)
 
     @property

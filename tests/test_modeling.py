@@ -621,6 +621,8 @@ def test_ensemble_is_the_mean_of_its_members_and_saves_as_one_checkpoint(tmp_pat
 def test_ensemble_config_checks_members():
     with pytest.raises(ValueError, match="vocab_size"):
         MPSMEnsembleConfig(dis_config={**TINY}, dir_config={**TINY, "vocab_size": 99})
+    with pytest.raises(ValueError, match=r"img_dim \{'dis.img_dim': 12, 'dir.img_dim': 8\} must match.*region_features"):
+        MPSMEnsembleConfig(dis_config={**TINY}, dir_config={**TINY, "img_dim": 8})
     with pytest.raises(ValueError, match="dis_model"):
         MPSMEnsembleModel.from_members("not a model", MPSMModel(tiny_config()))
 
