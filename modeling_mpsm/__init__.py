@@ -27,7 +27,7 @@ from .processing_mpsm import MPSMProcessor  # registers itself for AutoProcessor
 from .pipeline_mpsm import MPSMRetrievalPipeline
 
 # importing publishing gives the models' `push_to_hub` the complete repository (card, processor) of the package
-from . import publishing
+from . import publishing  # noqa: F401
 
 __all__ = [
     "MPSMConfig",

@@ -1265,8 +1265,7 @@ class MPSMModel(MPSMPreTrainedModel):
         self.text_encoder.embed = value
 
     def get_image_features(self, region_features, boxes=None, region_mask=None, image_sizes=None,
-                           output_hidden_states=None, return_dict=None,
-                           inputs_checked=False) -> BaseModelOutputWithPooling | tuple:
+                           output_hidden_states=None, return_dict=None) -> BaseModelOutputWithPooling | tuple:
         """
         The image features of `encode_image` in the CLIP convention: `pooler_output` is the global image feature v̄
         [I, d], `last_hidden_state` the region nodes ṽ [I, n, d] and, with `output_hidden_states`, `hidden_states`
@@ -1274,14 +1273,11 @@ class MPSMModel(MPSMPreTrainedModel):
         non-None fields; both default to the configuration's setting.
         """
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states, inputs_checked)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=image.region_embeds, pooler_output=image.image_embeds, hidden_states=image.hidden_states
-        )
+        output = _features(self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states))
         return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
     def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
-                          return_dict=None, inputs_checked=False) -> BaseModelOutputWithPooling | tuple:
+                          return_dict=None) -> BaseModelOutputWithPooling | tuple:
         """
         The caption features of `encode_text` in the CLIP convention: `pooler_output` is the global caption feature t̄
         [T, d], `last_hidden_state` the word nodes t̃ [T, L, d] and, with `output_hidden_states`, `hidden_states` the
@@ -1289,10 +1285,7 @@ class MPSMModel(MPSMPreTrainedModel):
         non-None fields; both default to the configuration's setting.
         """
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states, inputs_checked)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=text.word_embeds, pooler_output=text.text_embeds, hidden_states=text.hidden_states
-        )
+        output = _features(self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states))
         return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
     # ---------------------------------------------------------------- per item: images
@@ -1445,11 +1438,12 @@ class MPSMModel(MPSMPreTrainedModel):
         # block at a time are kept); per block, each head's nodes [P_b, K_b, m] and mask [P_b, K_b]
         outputs = [self.pair_nodes(block.regions, region_mask, block.words, block.word_mask, block.word_weights,
                                    image_embeds, block.text_embeds, stream=stream, heads=heads) for block in blocks]
-        return tuple(
-            torch.cat([logits.view(region_mask.shape[0], block.text_embeds.shape[0]) for logits, block in zip(
-                head([output[2 * h] for output in outputs], [output[2 * h + 1] for output in outputs]), blocks)], 1)
-            for h, head in enumerate(heads)
-        )
+        logits = []
+        for h, head in enumerate(heads):
+            block_logits = head([output[2 * h] for output in outputs], [output[2 * h + 1] for output in outputs])
+            logits.append(torch.cat([value.view(region_mask.shape[0], block.text_embeds.shape[0])
+                                     for value, block in zip(block_logits, blocks)], dim=1))
+        return tuple(logits)
 
     @staticmethod
     def scores_from_logits(logits):
@@ -1481,7 +1475,6 @@ class MPSMModel(MPSMPreTrainedModel):
         return_loss=None,
         output_hidden_states=None,
         return_dict=None,
-        inputs_checked=False,
     ) -> MPSMOutput | tuple:
         """
         Scores every image of the batch against every caption, and the loss when `return_loss=True` (then image i and
@@ -1490,18 +1483,22 @@ class MPSMModel(MPSMPreTrainedModel):
         same image (not negatives of each other). Unknown arguments are refused by name (a `TypeError`, as in every
         transformers model). `output_hidden_states=True` adds the node states of `encode_image` and `encode_text`;
         `return_dict=False` returns the tuple of the output's non-None fields (both default to the configuration's
-        setting). `inputs_checked`: as in `encode_image` and `encode_text`.
+        setting).
         """
         if input_ids is None or region_features is None:
             raise _forward_needs_both(input_ids, region_features)
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states, inputs_checked)
-        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states, inputs_checked)
+        image = self.encode_image(region_features, boxes, region_mask, image_sizes, output_hidden_states)
+        text = self.encode_text(input_ids, attention_mask, dependency_adjacency, output_hidden_states)
+        output = self.matching_output(image, text, image_ids, return_loss)
+        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
+
+    def matching_output(self, image: MPSMImageOutput, text: MPSMTextOutput, image_ids=None, return_loss=False):
+        """`forward`'s [`MPSMOutput`] from the per-item outputs: scores of every pair, and the loss when asked."""
         logits = self.pair_logits(image, text)
         logits_per_image = self.scores_from_logits(logits)
-        loss = self.criterion(logits, image, text, image_ids) if return_loss else None
-        output = MPSMOutput(
-            loss=loss,
+        return MPSMOutput(
+            loss=self.criterion(logits, image, text, image_ids) if return_loss else None,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             image_embeds=image.image_embeds,
@@ -1509,7 +1506,16 @@ class MPSMModel(MPSMPreTrainedModel):
             image_hidden_states=image.hidden_states,
             text_hidden_states=text.hidden_states,
         )
-        return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
+
+
+def _features(item_output):
+    """An `MPSMImageOutput` / `MPSMTextOutput` in the CLIP convention of `get_*_features`: `pooler_output` v̄ or t̄,
+    `last_hidden_state` the nodes, `hidden_states` the KGID node states."""
+    nodes = item_output.region_embeds if isinstance(item_output, MPSMImageOutput) else item_output.word_embeds
+    global_feature = item_output.image_embeds if isinstance(item_output, MPSMImageOutput) else item_output.text_embeds
+    return BaseModelOutputWithPooling(
+        last_hidden_state=nodes, pooler_output=global_feature, hidden_states=item_output.hidden_states
+    )
 
 
 def chain_adjacency(attention_mask):
@@ -1620,8 +1626,8 @@ class MPSMEnsembleModel(MPSMHubMixin, PreTrainedModel):
         `last_hidden_state` [I, n, 2d] and the `hidden_states` layer by layer."""
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
         image = self.check_image_inputs(region_features, boxes, region_mask, image_sizes)
-        outputs = [member.get_image_features(*image, output_hidden_states=output_hidden_states, return_dict=True,
-                                             inputs_checked=True) for member in self.members().values()]
+        outputs = [_features(member.encode_image(*image, output_hidden_states=output_hidden_states,
+                                                 inputs_checked=True)) for member in self.members().values()]
         return self._side_by_side(outputs, return_dict)
 
     def get_text_features(self, input_ids, attention_mask=None, dependency_adjacency=None, output_hidden_states=None,
@@ -1630,8 +1636,8 @@ class MPSMEnsembleModel(MPSMHubMixin, PreTrainedModel):
         `last_hidden_state` [T, L, 2d] and the `hidden_states` layer by layer."""
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
         text = self.check_text_inputs(input_ids, attention_mask, dependency_adjacency)
-        outputs = [member.get_text_features(*text, output_hidden_states=output_hidden_states, return_dict=True,
-                                            inputs_checked=True) for member in self.members().values()]
+        outputs = [_features(member.encode_text(*text, output_hidden_states=output_hidden_states,
+                                                inputs_checked=True)) for member in self.members().values()]
         return self._side_by_side(outputs, return_dict)
 
     def _side_by_side(self, outputs, return_dict):
@@ -1643,19 +1649,19 @@ class MPSMEnsembleModel(MPSMHubMixin, PreTrainedModel):
         )
         return output if _or_config(return_dict, self.config, "return_dict") else output.to_tuple()
 
-    def forward(self, return_loss=None, output_hidden_states=None, return_dict=None, **inputs) -> MPSMOutput | tuple:
+    def forward(self, input_ids=None, attention_mask=None, dependency_adjacency=None, region_features=None, boxes=None,
+                region_mask=None, image_sizes=None, image_ids=None, return_loss=None, output_hidden_states=None,
+                return_dict=None) -> MPSMOutput | tuple:
         """Scores with the mean of the members; the loss (when asked) is the sum of the members' losses; the embeddings
-        and hidden states are the members' side by side. `inputs` are `MPSMModel.forward`'s arguments (unknown names
-        are refused there)."""
+        and hidden states are the members' side by side. Arguments as in `MPSMModel.forward`."""
+        if input_ids is None or region_features is None:
+            raise _forward_needs_both(input_ids, region_features)
         output_hidden_states = _or_config(output_hidden_states, self.config, "output_hidden_states")
-        if inputs.get("input_ids") is not None and inputs.get("region_features") is not None:  # else the members' error
-            image_inputs = ("region_features", "boxes", "region_mask", "image_sizes")
-            text_inputs = ("input_ids", "attention_mask", "dependency_adjacency")
-            image = self.check_image_inputs(*(inputs.pop(name, None) for name in image_inputs))
-            text = self.check_text_inputs(*(inputs.pop(name, None) for name in text_inputs))
-            inputs.update(zip(image_inputs, image), inputs_checked=True)
-            inputs.update(zip(text_inputs, text))
-        outputs = [member(return_loss=return_loss, output_hidden_states=output_hidden_states, return_dict=True, **inputs)
+        image = self.check_image_inputs(region_features, boxes, region_mask, image_sizes)
+        text = self.check_text_inputs(input_ids, attention_mask, dependency_adjacency)
+        encode = dict(output_hidden_states=output_hidden_states, inputs_checked=True)
+        outputs = [member.matching_output(member.encode_image(*image, **encode), member.encode_text(*text, **encode),
+                                          image_ids, return_loss)
                    for member in self.members().values()]
         logits_per_image = sum(output.logits_per_image for output in outputs) / len(outputs)
         output = MPSMOutput(

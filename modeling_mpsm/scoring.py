@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import progress_bar
-from .modeling_mpsm import (  # noqa: F401  (block_shape, pair_bytes: for the callers of this module)
-    DEFAULT_MAX_BLOCK_BYTES, MPSMEnsembleItemOutput, MPSMItemOutput, block_shape, pair_bytes, pair_calls,
-)
+from .modeling_mpsm import DEFAULT_MAX_BLOCK_BYTES, MPSMEnsembleItemOutput, MPSMItemOutput, pair_calls
 
 
 PROBE_REFINE_K = 20  # candidates of the re-scoring call timed by the speed probe

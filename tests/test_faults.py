@@ -121,7 +121,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch
     import modeling_mpsm.modeling_mpsm as modeling
     from modeling_mpsm import MPSMConfig, MPSMModel
-    from modeling_mpsm.scoring import encode_images, encode_texts, pair_bytes, score_matrix
+    from modeling_mpsm.scoring import encode_images, encode_texts, score_matrix
 
     bound, num_images, num_texts, words = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), 12
     modeling.CAPTION_BLOCKS = int(sys.argv[5])
@@ -140,7 +140,7 @@ MEMORY_PROBE = textwrap.dedent("""
     before = status("VmRSS:")
     scores = score_matrix(model, images, texts, max_block_bytes=int(sys.argv[4]), progress=False)
     print(json.dumps({"growth": status("VmHWM:") - before, "pairs_bytes": num_images * num_texts *
-                      pair_bytes(model, 36, words), "finite": bool(torch.isfinite(scores).all())}))
+                      modeling.pair_bytes(model, 36, words), "finite": bool(torch.isfinite(scores).all())}))
 """)
 
 

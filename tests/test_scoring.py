@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from modeling_mpsm import MPSMConfig, MPSMEnsembleConfig, MPSMEnsembleModel, MPSMModel
-from modeling_mpsm.scoring import (
-    block_shape,
-    encode_images,
-    encode_texts,
-    pair_bytes,
-    refine_top_k,
-    score_matrix,
-)
+from modeling_mpsm.modeling_mpsm import block_shape, pair_bytes
+from modeling_mpsm.scoring import encode_images, encode_texts, refine_top_k, score_matrix
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
